@@ -1,0 +1,13 @@
+"""BaryIR for BasicSR: importing this package registers BaryIR's classes in BasicSR's registries.
+
+``import baryir_plugin`` before BasicSR builds anything is all a third-party script needs; our
+``basicsr``/``baryir`` commands do it for you.
+"""
+from . import compat
+
+compat.apply()  # must run before the first `import basicsr`
+
+from . import archs  # noqa: E402  (registers BaryIR, BarycenterPotentials)
+from .version import __version__  # noqa: E402
+
+__all__ = ['archs', 'compat', '__version__']

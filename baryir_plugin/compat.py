@@ -1,0 +1,327 @@
+"""Make basicsr 1.4.2 (the last PyPI release) work with today's torch, torchvision, OpenCV and on CPU.
+
+This is the only module that patches BasicSR. Every patch replaces an in-process attribute that BasicSR
+looks up at call time: no file in site-packages is touched and no copy of BasicSR is shipped.
+``apply()`` runs when ``baryir_plugin`` is imported, before anything of ours imports ``basicsr``.
+
+Patches (name: what breaks without it):
+
+- ``functional_tensor``: torchvision >= 0.17 removed ``torchvision.transforms.functional_tensor``,
+  which ``basicsr.data.degradations`` imports, so ``import basicsr`` dies.
+- ``resume_state``: resuming maps every storage to ``torch.cuda.current_device()`` (fails without a GPU),
+  and torch >= 2.6 loads with ``weights_only=True``; training states are loaded onto the model's device
+  with an explicit allow-list instead.
+- ``init_dist``: BasicSR hard-codes NCCL and ``torch.cuda.set_device``; we pick NCCL only when CUDA is
+  available (device from LOCAL_RANK), gloo otherwise, and stop forcing the 'spawn' start method on CPU.
+- ``ddp_device_ids``: DistributedDataParallel is given CUDA ``device_ids`` even for CPU modules.
+- ``jpeg_quality``: OpenCV >= 4.5.4 rejects a float JPEG quality in ``cv2.imencode``.
+- ``lazy_prefetcher``: ``CPUPrefetcher`` calls ``iter()`` twice before the first batch, orphaning a
+  loader iterator (and its workers); with persistent workers this can hang.
+- ``optimizers``: BasicSR 1.4.2 only builds Adam; any ``torch.optim`` class is accepted by name.
+- ``atomic_save``: checkpoints and training states are written to a temporary file and renamed, so a
+  crash mid-write never leaves a truncated ``.pth``/``.state`` behind.
+
+Distributed teardown (barrier + destroy_process_group) lives in :func:`shutdown_distributed`, called by
+our command line after BasicSR's pipeline returns.
+Set ``BARYIR_COMPAT_SKIP=name1,name2`` to leave named patches out (for reproducing a breakage).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import importlib
+import logging
+import os
+import sys
+import tempfile
+import types
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+_APPLIED: list[str] = []
+
+
+def _skipped() -> set[str]:
+    return {s.strip() for s in os.environ.get('BARYIR_COMPAT_SKIP', '').split(',') if s.strip()}
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. torchvision.transforms.functional_tensor (must run before `import basicsr`)
+def _patch_functional_tensor() -> None:
+    name = 'torchvision.transforms.functional_tensor'
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+        return
+    except ImportError:
+        pass
+    try:
+        module = importlib.import_module('torchvision.transforms._functional_tensor')
+    except ImportError:  # pragma: no cover - torchvision without the private module
+        from torchvision.transforms import functional as tvf
+        module = types.ModuleType(name)
+        module.rgb_to_grayscale = tvf.rgb_to_grayscale
+    sys.modules[name] = module
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. resume: device mapping and weights_only loading of training states
+def resume_map_location(opt: dict):
+    """Where a training state's tensors go: the CUDA device of this rank, or the CPU."""
+    if opt.get('num_gpu', 0) != 0 and torch.cuda.is_available():
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def load_training_state(path: str, map_location) -> dict:
+    """Load a ``.state`` file with ``weights_only=True``; the scheduler's Counter is allow-listed."""
+    safe = getattr(torch.serialization, 'safe_globals', None)
+    if safe is None:  # torch < 2.5: no allow-list context; weights_only already rejects code
+        return torch.load(path, map_location=map_location, weights_only=True)
+    with safe([collections.Counter]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _find_latest_state(state_dir: str):
+    if not os.path.isdir(state_dir):
+        return None
+    iters = []
+    for name in os.listdir(state_dir):
+        stem, ext = os.path.splitext(name)
+        if ext == '.state' and stem.isdigit():
+            iters.append(int(stem))
+    return os.path.join(state_dir, f'{max(iters)}.state') if iters else None
+
+
+def _load_resume_state(opt: dict):
+    from basicsr.utils.misc import check_resume
+
+    if opt['auto_resume']:
+        state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
+        path = _find_latest_state(state_dir)
+        if path is not None:
+            opt['path']['resume_state'] = path
+    else:
+        path = opt['path'].get('resume_state')
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path.resume_state: no training state at {path!r}; fix the path or drop the option.")
+    state = load_training_state(path, resume_map_location(opt))
+    check_resume(opt, state['iter'])
+    return state
+
+
+def _patch_resume_state() -> None:
+    import basicsr.train
+    basicsr.train.load_resume_state = _load_resume_state
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. init_dist: NCCL on CUDA, gloo on CPU; no forced 'spawn' on CPU
+def dist_backend() -> str:
+    """``$BARYIR_DIST_BACKEND`` if set, else ``nccl`` when CUDA is available, else ``gloo``."""
+    return os.environ.get('BARYIR_DIST_BACKEND') or ('nccl' if torch.cuda.is_available() else 'gloo')
+
+
+def _set_start_method(backend: str) -> None:
+    import torch.multiprocessing as mp
+
+    # BasicSR forces 'spawn' (needed once CUDA is initialised in the parent); on CPU it only costs a
+    # re-import of torch in every DataLoader worker of every epoch.
+    method = os.environ.get('BARYIR_MP_START_METHOD') or ('spawn' if backend == 'nccl' else None)
+    if method and mp.get_start_method(allow_none=True) is None:
+        mp.set_start_method(method)
+
+
+def _init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
+    from basicsr.utils import dist_util
+
+    backend = backend or dist_backend()
+    _set_start_method(backend)
+    if launcher == 'pytorch':
+        if backend == 'nccl':
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', os.environ['RANK'])) % torch.cuda.device_count())
+        dist.init_process_group(backend=backend, **kwargs)
+    elif launcher == 'slurm':
+        if backend != 'nccl':
+            raise RuntimeError(f"--launcher slurm sets a CUDA device per task and needs NCCL (backend was {backend!r}); "
+                               "on CPU use torchrun with --launcher pytorch.")
+        dist_util._init_dist_slurm(backend, **kwargs)
+    else:
+        raise ValueError(f'--launcher: unknown launcher {launcher!r}; use none, pytorch or slurm.')
+
+
+def _patch_init_dist() -> None:
+    import basicsr.utils.dist_util
+    import basicsr.utils.options
+    basicsr.utils.dist_util.init_dist = _init_dist
+    basicsr.utils.options.init_dist = _init_dist
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. DDP device_ids
+def _model_to_device(self, net):
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    net = net.to(self.device)
+    if self.opt['dist']:
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        net = DistributedDataParallel(
+            net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False))
+    elif self.opt['num_gpu'] > 1:
+        net = DataParallel(net)
+    return net
+
+
+def _patch_ddp_device_ids() -> None:
+    from basicsr.models.base_model import BaseModel
+    BaseModel.model_to_device = _model_to_device
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. cv2 JPEG quality must be an int
+def _patch_jpeg_quality() -> None:
+    from basicsr.data import degradations
+
+    original = degradations.add_jpg_compression
+    if getattr(original, '_baryir_int_quality', False):
+        return
+
+    @functools.wraps(original)
+    def add_jpg_compression(img, quality=90):
+        return original(img, int(round(float(quality))))
+
+    add_jpg_compression._baryir_int_quality = True
+    degradations.add_jpg_compression = add_jpg_compression
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. CPUPrefetcher: one iterator per epoch, created on first use
+class LazyCPUPrefetcher:
+    """Drop-in for BasicSR's CPUPrefetcher that creates the loader iterator only when first needed."""
+
+    def __init__(self, loader) -> None:
+        self.ori_loader = loader
+        self.loader = None
+
+    def next(self):
+        if self.loader is None:
+            self.loader = iter(self.ori_loader)
+        try:
+            return next(self.loader)
+        except StopIteration:
+            return None
+
+    def reset(self) -> None:
+        self.loader = None
+
+
+def _patch_lazy_prefetcher() -> None:
+    import basicsr.data.prefetch_dataloader
+    import basicsr.train
+    basicsr.data.prefetch_dataloader.CPUPrefetcher = LazyCPUPrefetcher
+    basicsr.train.CPUPrefetcher = LazyCPUPrefetcher
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. any torch.optim optimizer by name
+def build_optimizer(optim_type: str, params, lr: float, **kwargs) -> torch.optim.Optimizer:
+    cls = getattr(torch.optim, optim_type, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        known = sorted(n for n, c in vars(torch.optim).items() if isinstance(c, type)
+                       and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+        raise ValueError(f'train.optim_*.type: unknown optimizer {optim_type!r}; use one of {known}.')
+    return cls(params, lr, **kwargs)
+
+
+def _get_optimizer(self, optim_type, params, lr, **kwargs):
+    return build_optimizer(optim_type, params, lr, **kwargs)
+
+
+def _patch_optimizers() -> None:
+    from basicsr.models.base_model import BaseModel
+    BaseModel.get_optimizer = _get_optimizer
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. atomic checkpoint writes
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _TorchWithAtomicSave(types.ModuleType):
+    """``torch`` as seen by basicsr.models.base_model, except that ``save`` is atomic."""
+
+    def __init__(self) -> None:
+        super().__init__('torch')
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    save = staticmethod(atomic_torch_save)
+
+
+def _patch_atomic_save() -> None:
+    import basicsr.models.base_model as base_model
+    if not isinstance(base_model.torch, _TorchWithAtomicSave):
+        base_model.torch = _TorchWithAtomicSave()
+
+
+# --------------------------------------------------------------------------------------------------
+def shutdown_distributed() -> None:
+    """Synchronise all ranks and destroy the process group (BasicSR never does).
+
+    Without it, ranks that skip validation reach interpreter exit while rank 0 still works, which
+    intermittently aborts gloo runs ('terminate called without an active exception').
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+_PATCHES: list[tuple[str, Callable[[], None]]] = [
+    ('functional_tensor', _patch_functional_tensor),
+    ('resume_state', _patch_resume_state),
+    ('init_dist', _patch_init_dist),
+    ('ddp_device_ids', _patch_ddp_device_ids),
+    ('jpeg_quality', _patch_jpeg_quality),
+    ('lazy_prefetcher', _patch_lazy_prefetcher),
+    ('optimizers', _patch_optimizers),
+    ('atomic_save', _patch_atomic_save),
+]
+PATCH_NAMES = tuple(name for name, _ in _PATCHES)
+
+
+def apply() -> list[str]:
+    """Apply every patch not listed in ``$BARYIR_COMPAT_SKIP``; idempotent. Returns the applied names."""
+    skip = _skipped()
+    unknown = skip - set(PATCH_NAMES)
+    if unknown:
+        raise ValueError(f'BARYIR_COMPAT_SKIP: unknown patch names {sorted(unknown)}; known: {list(PATCH_NAMES)}.')
+    for name, patch in _PATCHES:
+        if name in skip or name in _APPLIED:
+            continue
+        patch()
+        _APPLIED.append(name)
+    logging.getLogger('baryir_plugin').debug('compat patches applied: %s', _APPLIED)
+    return list(_APPLIED)
+
+
+def applied() -> list[str]:
+    return list(_APPLIED)
