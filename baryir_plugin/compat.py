@@ -28,7 +28,6 @@ Set ``BARYIR_COMPAT_SKIP=name1,name2`` to leave named patches out (for reproduci
 from __future__ import annotations
 
 import collections
-import functools
 import importlib
 import logging
 import os
@@ -37,6 +36,7 @@ import tempfile
 import types
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -184,18 +184,23 @@ def _patch_ddp_device_ids() -> None:
 
 # --------------------------------------------------------------------------------------------------
 # 5. cv2 JPEG quality must be an int
+def add_jpg_compression(img, quality=90):
+    """BasicSR's add_jpg_compression with an integer quality and an explicit uint8 conversion.
+
+    OpenCV >= 4.5.4 rejects a float quality; OpenCV 5 also warns on float images and converts them
+    itself. Here the [0, 1] image is rounded to uint8 first, which is what older OpenCV did.
+    """
+    import cv2
+
+    img8 = np.clip(np.rint(np.clip(img, 0, 1) * 255.0), 0, 255).astype(np.uint8)
+    ok, encoded = cv2.imencode('.jpg', img8, [int(cv2.IMWRITE_JPEG_QUALITY), int(round(float(quality)))])
+    if not ok:
+        raise RuntimeError(f'cv2.imencode failed for an image of shape {img8.shape}')
+    return np.float32(cv2.imdecode(encoded, 1)) / 255.0
+
+
 def _patch_jpeg_quality() -> None:
     from basicsr.data import degradations
-
-    original = degradations.add_jpg_compression
-    if getattr(original, '_baryir_int_quality', False):
-        return
-
-    @functools.wraps(original)
-    def add_jpg_compression(img, quality=90):
-        return original(img, int(round(float(quality))))
-
-    add_jpg_compression._baryir_int_quality = True
     degradations.add_jpg_compression = add_jpg_compression
 
 

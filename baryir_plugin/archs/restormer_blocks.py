@@ -35,8 +35,10 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
+            # contiguous(): a channels-last result would give the following convs' weight gradients
+            # strides that DistributedDataParallel's buckets do not expect.
             return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias,
-                                self.eps).permute(0, 3, 1, 2)
+                                self.eps).permute(0, 3, 1, 2).contiguous()
         var = x.var(dim=1, keepdim=True, unbiased=False)
         return x * torch.rsqrt(var + self.eps) * self.weight.view(1, -1, 1, 1)
 

@@ -1,0 +1,179 @@
+"""Command line: ``basicsr train|test`` (BasicSR's own pipelines with the plugins loaded) and ``baryir ...``.
+
+``basicsr train -opt FILE.yml [--launcher none|pytorch|slurm] [--auto_resume] [--debug]
+[--local_rank N] [--force_yml a:b=v ...]`` runs ``basicsr.train.train_pipeline`` with the current
+working directory as BasicSR's root (so ``experiments/``, ``results/`` and ``tb_logger/`` land there),
+after importing every package registered in the ``basicsr.plugins`` entry-point group. basicsr ships
+no console script of its own; ``baryir train|test`` is the same command under our own name.
+
+Multi-process: ``torchrun --standalone --nproc_per_node=N -m baryir_plugin train -opt FILE.yml --launcher pytorch``
+(NCCL on GPUs, gloo on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+PLUGIN_GROUP = 'basicsr.plugins'
+PIPELINES = ('train', 'test')
+
+
+def load_plugins() -> list[str]:
+    """Import this plugin and every package registered under the ``basicsr.plugins`` entry-point group."""
+    from importlib.metadata import entry_points
+
+    import baryir_plugin  # noqa: F401  (compat patches + registrations come first)
+
+    loaded = ['baryir_plugin']
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.value.split(':')[0] == 'baryir_plugin':
+            continue
+        try:
+            ep.load()
+        except Exception as e:  # a broken third-party plugin must say which one it is
+            raise RuntimeError(f"basicsr plugin {ep.name!r} ({ep.value}) from the '{PLUGIN_GROUP}' entry points "
+                               f'failed to import: {e}') from e
+        loaded.append(ep.value)
+    return loaded
+
+
+def _normalise_basicsr_args(argv: Sequence[str]) -> list[str]:
+    """Accept torch.distributed.launch's ``--local-rank`` and add ``--launcher pytorch`` under torchrun."""
+    args = []
+    for a in argv:
+        if a == '--local-rank':
+            a = '--local_rank'
+        elif a.startswith('--local-rank='):
+            a = '--local_rank=' + a.split('=', 1)[1]
+        args.append(a)
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not any(a == '--launcher' or a.startswith('--launcher=')
+                                                              for a in args):
+        print('basicsr: WORLD_SIZE > 1 and no --launcher given: using --launcher pytorch.', file=sys.stderr)
+        args += ['--launcher', 'pytorch']
+    return args
+
+
+def _check_opt_file(kind: str, argv: Sequence[str]) -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('-opt')
+    known, _ = pre.parse_known_args(argv)
+    if known.opt is None:
+        raise SystemExit(f'basicsr {kind}: the option file is missing; usage: basicsr {kind} -opt FILE.yml')
+    if not os.path.isfile(known.opt):
+        raise SystemExit(f'basicsr {kind}: -opt {known.opt!r}: no such file (paths are relative to {os.getcwd()}).')
+
+
+def run_pipeline(kind: str, argv: Sequence[str]) -> None:
+    """Run BasicSR's ``train_pipeline``/``test_pipeline`` with BasicSR's own flags."""
+    if kind not in PIPELINES:
+        raise ValueError(f'unknown pipeline {kind!r}; use one of {PIPELINES}.')
+    argv = _normalise_basicsr_args(argv)
+    if not any(a in ('-h', '--help') for a in argv):
+        _check_opt_file(kind, argv)
+    load_plugins()
+    from baryir_plugin import compat
+
+    root = os.environ.get('BASICSR_ROOT') or os.getcwd()
+    sys.argv = [f'basicsr {kind}', *argv]
+    if kind == 'train':
+        from basicsr.train import train_pipeline as pipeline
+    else:
+        from basicsr.test import test_pipeline as pipeline
+    pipeline(root)
+
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        compat.shutdown_distributed()
+        # Skip interpreter teardown: daemon threads of finished loaders can abort it on gloo ranks.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _usage(prog: str) -> str:
+    return (f'usage: {prog} {{train,test}} -opt FILE.yml [--launcher {{none,pytorch,slurm}}] [--auto_resume] '
+            '[--debug] [--local_rank N] [--force_yml KEY=VALUE ...]')
+
+
+def basicsr_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``basicsr`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(_usage('basicsr'))
+        print('Runs BasicSR\'s own pipelines with every package of the "basicsr.plugins" entry points loaded.')
+        return 0 if argv else 2
+    if argv[0] in ('--version', '-V'):
+        import basicsr
+
+        from baryir_plugin.version import __version__
+        print(f'basicsr {basicsr.__version__} (command from baryir-plugin {__version__})')
+        return 0
+    if argv[0] not in PIPELINES:
+        print(f'basicsr: unknown command {argv[0]!r}.\n{_usage("basicsr")}', file=sys.stderr)
+        return 2
+    run_pipeline(argv[0], argv[1:])
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+def _convert_official(args: argparse.Namespace) -> int:
+    import yaml
+
+    from baryir_plugin import compat
+    from baryir_plugin.official import convert_official, potentials_output_path
+
+    net_g, net_potential = convert_official(args.input)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    compat.atomic_torch_save(net_g, args.output)
+    print(f'wrote {args.output} (network_g, {sum(t.numel() for t in net_g["params"].values()):,} parameters)')
+    if net_potential is not None and not args.no_potentials:
+        pot_path = args.potentials_out or potentials_output_path(args.output)
+        compat.atomic_torch_save(net_potential, pot_path)
+        print(f'wrote {pot_path} (network_potential)')
+    print('\nnetwork_g options for your YAML file:')
+    print(yaml.safe_dump({'network_g': net_g['baryir_config']}, sort_keys=False, default_flow_style=None))
+    if net_potential is not None and not args.no_potentials:
+        print('network_potential options:')
+        print(yaml.safe_dump({'network_potential': net_potential['baryir_config']}, sort_keys=False,
+                             default_flow_style=None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='baryir', description='BaryIR for BasicSR.')
+    parser.add_argument('--version', action='store_true', help='print versions and exit')
+    sub = parser.add_subparsers(dest='command')
+    for kind in PIPELINES:
+        sub.add_parser(kind, add_help=False, help=f"BasicSR's {kind} pipeline (same flags as `basicsr {kind}`)")
+    conv = sub.add_parser('convert-official', help="convert the authors' release checkpoint to BasicSR .pth files")
+    conv.add_argument('input', help='official checkpoint (torch.save of {"epoch", "BaryIR", "Pots"})')
+    conv.add_argument('output', help='output .pth for network_g ({"params": ...})')
+    conv.add_argument('--potentials-out', default=None,
+                      help='output .pth for the potentials (default: OUTPUT with _potential before the suffix)')
+    conv.add_argument('--no-potentials', action='store_true', help='do not write the potentials')
+    conv.set_defaults(func=_convert_official)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``baryir`` console script and of ``python -m baryir_plugin``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PIPELINES:
+        run_pipeline(argv[0], argv[1:])
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        return basicsr_main(['--version'])
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
