@@ -114,3 +114,14 @@ def test_plugin_entry_point_is_registered():
     scripts = {ep.name: ep.value for ep in entry_points(group='console_scripts')}
     assert scripts.get('basicsr') == 'baryir_plugin.cli:basicsr_main'
     assert scripts.get('baryir') == 'baryir_plugin.cli:main'
+
+
+def test_launcher_arguments_are_normalised(monkeypatch):
+    from baryir_plugin.cli import _normalise_basicsr_args
+
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    assert _normalise_basicsr_args(['-opt', 'a.yml', '--local-rank=1']) == ['-opt', 'a.yml', '--local_rank=1']
+    assert _normalise_basicsr_args(['--local-rank', '0']) == ['--local_rank', '0']
+    monkeypatch.setenv('WORLD_SIZE', '2')  # under torchrun without --launcher
+    assert _normalise_basicsr_args(['-opt', 'a.yml']) == ['-opt', 'a.yml', '--launcher', 'pytorch']
+    assert _normalise_basicsr_args(['-opt', 'a.yml', '--launcher', 'slurm'])[-1] == 'slurm'
