@@ -17,6 +17,9 @@ Patches (name: what breaks without it):
 - ``jpeg_quality``: OpenCV >= 4.5.4 rejects a float JPEG quality in ``cv2.imencode``.
 - ``lazy_prefetcher``: ``CPUPrefetcher`` calls ``iter()`` twice before the first batch, orphaning a
   loader iterator (and its workers); with persistent workers this can hang.
+- ``resume_position``: a resumed run restarts its epoch from the first batch; the sampler now skips the
+  batches that were already trained on (with the random states BaryIRModel saves, a resumed run sees
+  the same data as an uninterrupted one).
 - ``optimizers``: BasicSR 1.4.2 only builds Adam; any ``torch.optim`` class is accepted by name.
 - ``atomic_save``: checkpoints and training states are written to a temporary file and renamed, so a
   crash mid-write never leaves a truncated ``.pth``/``.state`` behind.
@@ -112,6 +115,9 @@ def _load_resume_state(opt: dict):
         raise FileNotFoundError(f"path.resume_state: no training state at {path!r}; fix the path or drop the option.")
     state = load_training_state(path, resume_map_location(opt))
     check_resume(opt, state['iter'])
+    train_data = opt.get('datasets', {}).get('train')
+    if isinstance(train_data, dict):  # read by ResumableEnlargedSampler through dataset.opt
+        train_data['resume_epoch'], train_data['resume_iter'] = int(state['epoch']), int(state['iter'])
     return state
 
 
@@ -233,6 +239,46 @@ def _patch_lazy_prefetcher() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# 6b. resume continues the epoch where it stopped
+def _resumable_sampler_class():
+    from basicsr.data.data_sampler import EnlargedSampler
+
+    class ResumableEnlargedSampler(EnlargedSampler):
+        """BasicSR's EnlargedSampler that, after a resume, skips the batches of the resumed epoch that
+        were already trained on. BasicSR restarts that epoch from its first batch, so the data seen
+        after a resume differs from an uninterrupted run. The position comes from the training state
+        (``resume_epoch``/``resume_iter``, put into the dataset's options by the resume patch)."""
+
+        def __init__(self, dataset, num_replicas, rank, ratio=1):
+            super().__init__(dataset, num_replicas, rank, ratio)
+            opt = getattr(dataset, 'opt', None)
+            opt = opt if isinstance(opt, dict) else {}
+            self._resume = (opt.get('resume_epoch'), opt.get('resume_iter'), opt.get('batch_size_per_gpu'))
+
+        def __iter__(self):
+            indices = list(super().__iter__())
+            epoch, it, batch = self._resume
+            if it is not None and batch and epoch == self.epoch:
+                self._resume = (None, None, None)  # only the first resumed epoch is partial
+                per_epoch = len(indices) // batch  # BasicSR's train loader drops the last partial batch
+                done = it - epoch * per_epoch
+                if 0 <= done <= per_epoch:
+                    indices = indices[done * batch:]
+                else:
+                    logging.getLogger('basicsr').warning(
+                        f'resume: iteration {it} is not inside epoch {epoch} of {per_epoch} iterations (batch or data '
+                        'changed?); the resumed epoch starts from its first batch.')
+            return iter(indices)
+
+    return ResumableEnlargedSampler
+
+
+def _patch_resumable_sampler() -> None:
+    import basicsr.train
+    basicsr.train.EnlargedSampler = _resumable_sampler_class()
+
+
+# --------------------------------------------------------------------------------------------------
 # 7. any torch.optim optimizer by name
 def build_optimizer(optim_type: str, params, lr: float, **kwargs) -> torch.optim.Optimizer:
     cls = getattr(torch.optim, optim_type, None)
@@ -307,6 +353,7 @@ _PATCHES: list[tuple[str, Callable[[], None]]] = [
     ('ddp_device_ids', _patch_ddp_device_ids),
     ('jpeg_quality', _patch_jpeg_quality),
     ('lazy_prefetcher', _patch_lazy_prefetcher),
+    ('resume_position', _patch_resumable_sampler),
     ('optimizers', _patch_optimizers),
     ('atomic_save', _patch_atomic_save),
 ]

@@ -41,7 +41,7 @@ def test_train_validate_save_and_auto_resume(workdir):
     assert set(metrics) == {'psnr', 'ssim'} and metrics['psnr'] > 10
     # validation images of sizes that are not multiples of 8 were restored at their own size
     for name in ('chelsea', 'rocket'):
-        gt = cv2.imread(str(workdir / 'datasets' / 'tiny' / 'val' / 'gt' / f'{name}.png'))
+        gt = cv2.imread(str(workdir / 'datasets' / 'tiny' / 'val' / 'noise' / 'gt' / f'{name}.png'))
         out = cv2.imread(str(exp / 'visualization' / name / f'{name}_4.png'))
         assert out.shape == gt.shape
     saved = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)

@@ -1,0 +1,119 @@
+"""A mixture of K degradation sources for all-in-one training (method.md Sec. 6)."""
+from __future__ import annotations
+
+import bisect
+import copy
+from typing import Any
+
+import torch
+from basicsr.data import build_dataset
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import DATASET_REGISTRY
+from torch.utils import data
+
+# Options every source inherits from the AllInOneDataset entry unless it sets its own.
+_SHARED_KEYS = ('phase', 'scale', 'gt_size', 'use_hflip', 'use_rot', 'io_backend', 'mean', 'std', 'color',
+                'filename_tmpl')
+_OWN_KEYS = ('name', 'repeat', 'labels')
+
+
+@DATASET_REGISTRY.register()
+class AllInOneDataset(data.Dataset):
+    """K degradation sources in one dataset; each sample says which source and fine degradation it is.
+
+    Options (YAML):
+        sources: list of source entries. Each is the options of any registered BasicSR dataset
+            (``type: PairedImageDataset`` on disk or LMDB, ``type: GaussianNoiseDataset`` for clean
+            images with on-the-fly noise, ...) plus
+              name: the source's name (unique; the index of the source's potential and lambda),
+              repeat: how many times the source is repeated per epoch (default 1),
+              labels: fine degradation labels (default: the source's own ``degradation_names`` if it has
+                      them, e.g. one per noise sigma, else ``[name]``).
+        gt_size, use_hflip, use_rot, io_backend, mean, std, filename_tmpl: shared by every source unless
+            it sets its own. In the train phase each source crops at random (aligned LQ/GT crop) and
+            applies all 8 dihedral transforms (identity included, unlike the reference).
+
+    Every sample gets ``source_id`` (index in ``source_names``) and ``degradation_id`` (index in
+    ``degradation_names``). ``source_counts`` are the per-source sample counts after repeats, from which
+    BaryIRModel derives the barycenter weights (it rebuilds the dataset from the same options: only
+    file lists are read).
+    """
+
+    provides_sources = True  # BaryIRModel reads source_names / source_counts / degradation_names
+
+    def __init__(self, opt: dict) -> None:
+        super().__init__()
+        self.opt = opt
+        entries = opt.get('sources')
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f'AllInOneDataset ({opt.get("name", "unnamed")}): option `sources` must be a non-empty '
+                             'list of dataset entries, each with a `name` and a `type`.')
+        self.source_names: list[str] = []
+        self.sources: list[data.Dataset] = []
+        self.repeats: list[int] = []
+        self.degradation_names: list[str] = []
+        self._label_ids: list[list[int]] = []  # per source: its local label index -> global degradation id
+        for i, entry in enumerate(entries):
+            self._add_source(i, entry)
+        self.source_counts = [len(ds) * r for ds, r in zip(self.sources, self.repeats)]
+        self._ends = list(torch.tensor(self.source_counts).cumsum(0).tolist())
+        logger = get_root_logger()
+        for name, ds, r, n in zip(self.source_names, self.sources, self.repeats, self.source_counts):
+            logger.info(f'AllInOneDataset source {name!r}: {len(ds)} samples x {r} = {n}')
+
+    def _add_source(self, i: int, entry: Any) -> None:
+        if not isinstance(entry, dict) or 'type' not in entry or 'name' not in entry:
+            raise ValueError(f'AllInOneDataset: sources[{i}] needs `name` and `type` (a registered BasicSR dataset), '
+                             f'got {entry!r}.')
+        name = str(entry['name'])
+        if name in self.source_names:
+            raise ValueError(f'AllInOneDataset: source name {name!r} appears twice; names must be unique.')
+        repeat = int(entry.get('repeat', 1))
+        if repeat < 1:
+            raise ValueError(f'AllInOneDataset: sources[{i}] ({name}) repeat must be >= 1, got {repeat}.')
+        sub = {k: copy.deepcopy(v) for k, v in entry.items() if k not in _OWN_KEYS}
+        for key in _SHARED_KEYS:
+            if key not in sub and key in self.opt:
+                sub[key] = copy.deepcopy(self.opt[key])
+        sub.setdefault('scale', 1)
+        sub['name'] = f'{self.opt.get("name", "all_in_one")}/{name}'
+        dataset = build_dataset(sub)
+        if len(dataset) == 0:
+            raise ValueError(f'AllInOneDataset: source {name!r} is empty; check its dataroot options.')
+        labels = entry.get('labels') or getattr(dataset, 'degradation_names', None) or [name]
+        ids = []
+        for label in labels:
+            label = str(label)
+            if label not in self.degradation_names:
+                self.degradation_names.append(label)
+            ids.append(self.degradation_names.index(label))
+        self.source_names.append(name)
+        self.sources.append(dataset)
+        self.repeats.append(repeat)
+        self._label_ids.append(ids)
+
+    def source_index(self, name: str) -> int:
+        """Index of a source by name (the index of its potential and barycenter weight)."""
+        try:
+            return self.source_names.index(name)
+        except ValueError:
+            raise KeyError(f'AllInOneDataset: no source named {name!r}; sources are {self.source_names}.') from None
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            index += len(self)
+        source = bisect.bisect_right(self._ends, index)
+        start = self._ends[source - 1] if source else 0
+        dataset = self.sources[source]
+        sample = dict(dataset[(index - start) % len(dataset)])
+        local = int(sample.pop('degradation', 0))
+        ids = self._label_ids[source]
+        if local >= len(ids):
+            raise IndexError(f'AllInOneDataset: source {self.source_names[source]!r} returned degradation {local} '
+                             f'but has only {len(ids)} labels {ids}; set its `labels` option.')
+        sample['source_id'] = torch.tensor(source)
+        sample['degradation_id'] = torch.tensor(ids[local])
+        return sample

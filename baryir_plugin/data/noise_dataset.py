@@ -1,0 +1,87 @@
+"""Clean images with additive Gaussian noise added on the fly (the denoising source of the papers)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from basicsr.data.data_util import paths_from_folder, paths_from_lmdb
+from basicsr.data.transforms import augment, paired_random_crop
+from basicsr.utils import FileClient, imfrombytes, img2tensor
+from basicsr.utils.registry import DATASET_REGISTRY
+from torch.utils import data
+
+from .degradations import gaussian_noise
+
+
+@DATASET_REGISTRY.register()
+class GaussianNoiseDataset(data.Dataset):
+    """Pairs (clean + Gaussian noise, clean) made from a folder or LMDB of clean images.
+
+    Every clean image appears once per sigma, so ``len = images * len(sigmas)`` and sample ``i`` uses
+    sigma ``sigmas[i // images]``; its fine degradation label is that sigma's index.
+
+    Options (YAML):
+        dataroot_gt: folder (or ``.lmdb`` with ``io_backend: {type: lmdb}``) of clean images.
+        sigmas: noise levels on the 0-255 scale, e.g. [15, 25, 50].
+        io_backend: BasicSR FileClient options (disk or lmdb).
+        phase: 'train' -> random crop of gt_size + dihedral augmentation (use_hflip, use_rot), fresh
+            noise each time; otherwise the whole image and noise fixed per (seed, index).
+        gt_size, use_hflip, use_rot: as in BasicSR's PairedImageDataset.
+        noise_seed: seed of the fixed test-time noise (default 0).
+
+    Returns dicts with ``lq``, ``gt`` (RGB CHW float tensors in [0, 1]), ``lq_path``, ``gt_path`` and
+    ``degradation`` (the sigma index).
+    """
+
+    def __init__(self, opt: dict) -> None:
+        super().__init__()
+        self.opt = opt
+        for key in ('dataroot_gt', 'sigmas'):
+            if key not in opt:
+                raise KeyError(f'GaussianNoiseDataset ({opt.get("name", "unnamed")}): option {key!r} is required.')
+        self.sigmas: list[float] = [float(s) for s in opt['sigmas']]
+        if not self.sigmas or any(s < 0 for s in self.sigmas):
+            raise ValueError(f'GaussianNoiseDataset: sigmas must be a non-empty list of values >= 0, got {opt["sigmas"]}.')
+        self.io_backend_opt = dict(opt.get('io_backend', {'type': 'disk'}))
+        self.file_client = None
+        root = opt['dataroot_gt']
+        if self.io_backend_opt['type'] == 'lmdb':
+            self.io_backend_opt['db_paths'] = [root]
+            self.io_backend_opt['client_keys'] = ['gt']
+            self.paths = sorted(paths_from_lmdb(root))
+        else:
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f'GaussianNoiseDataset: dataroot_gt {root!r} is not a folder.')
+            self.paths = sorted(paths_from_folder(root))
+        if not self.paths:
+            raise ValueError(f'GaussianNoiseDataset: no images in {root!r}.')
+        self.noise_seed = int(opt.get('noise_seed', 0))
+
+    @property
+    def degradation_names(self) -> list[str]:
+        return [f'noise_{s:g}' for s in self.sigmas]
+
+    def __len__(self) -> int:
+        return len(self.paths) * len(self.sigmas)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.file_client is None:
+            opt = dict(self.io_backend_opt)
+            self.file_client = FileClient(opt.pop('type'), **opt)
+        label, image_index = divmod(index, len(self.paths))
+        sigma = self.sigmas[label]
+        gt_path = self.paths[image_index]
+        clean = imfrombytes(self.file_client.get(gt_path, 'gt'), float32=False)  # uint8 BGR
+        if self.opt.get('phase') == 'train':
+            gt_size = self.opt['gt_size']
+            clean, _ = paired_random_crop(clean, clean, gt_size, 1, gt_path)
+            clean = augment(clean, self.opt.get('use_hflip', True), self.opt.get('use_rot', True))
+            noisy = gaussian_noise(np.ascontiguousarray(clean), None, sigma)
+        else:
+            noisy = gaussian_noise(clean, np.random.default_rng((self.noise_seed, index)), sigma)
+        gt, lq = img2tensor([clean.astype(np.float32) / 255.0, noisy.astype(np.float32) / 255.0], bgr2rgb=True,
+                            float32=True)
+        stem, ext = os.path.splitext(gt_path)
+        return {'lq': lq, 'gt': gt, 'lq_path': f'{stem}_sigma{sigma:g}{ext}', 'gt_path': gt_path,
+                'degradation': torch.tensor(label)}

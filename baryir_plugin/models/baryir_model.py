@@ -1,0 +1,324 @@
+"""BaryIRModel: adversarial training of the restoration network against the barycenter potentials.
+
+Per iteration (method.md Sec. 5; paper 003, Alg. 1):
+  1. potentials frozen: forward BaryIR, loss
+       L1(restored, gt) + w * mean_i lambda_k(i) [c_i + gamma (o_i + ctr_i) - f_k(i)(zB_i)],
+     step optimizer_g (restoration network, barycenter map and encoder together: no detach);
+  2. network frozen: ``potential_iters`` steps of the potentials on barycenter latents, either
+     recomputed with the updated network (reference) or reused from step 1 (one forward fewer).
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from basicsr.archs import build_network
+from basicsr.data import build_dataset
+from basicsr.losses import build_loss
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger
+from basicsr.utils.dist_util import master_only
+from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
+
+from baryir_plugin.compat import atomic_torch_save
+from baryir_plugin.losses import transport_cost
+
+LAMBDA_MODES = ('proportional', 'inverse', 'uniform')
+POTENTIAL_STEP_MODES = ('recompute', 'reuse')
+_RMSPROP = {'type': 'RMSprop', 'lr': 1e-4, 'alpha': 0.99, 'eps': 1e-8}
+
+
+def barycenter_weights(counts: Sequence[int], mode: str = 'proportional') -> torch.Tensor:
+    """lambda_k from per-source sample counts N_k (after repeats).
+
+    ``proportional`` (the papers): N_k / sum N; ``inverse`` (the reference code): (1/N_k) / sum 1/N_j;
+    ``uniform``: 1/K.
+    """
+    if mode not in LAMBDA_MODES:
+        raise ValueError(f'train.lambda_mode must be one of {LAMBDA_MODES}, got {mode!r}.')
+    n = torch.as_tensor(list(counts), dtype=torch.float64)
+    if n.numel() == 0 or bool((n <= 0).any()):
+        raise ValueError(f'barycenter weights need positive per-source counts, got {list(counts)}.')
+    if mode == 'proportional':
+        lam = n / n.sum()
+    elif mode == 'inverse':
+        lam = (1 / n) / (1 / n).sum()
+    else:
+        lam = torch.full_like(n, 1 / n.numel())
+    return lam.float()
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) random states, as objects torch.load(weights_only) accepts."""
+    np_state = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+
+
+@MODEL_REGISTRY.register()
+class BaryIRModel(SRModel):
+    """BasicSR model for BaryIR: ``network_g`` (BaryIR) and ``network_potential`` (BarycenterPotentials).
+
+    ``train`` options, read once here (defaults = the reference):
+        pixel_opt: restoration loss (e.g. L1Loss), as in SRModel.
+        mwb_opt: {type: MWBLoss, cost: rms}; potential_opt: {type: PotentialLoss, congruence_weight: 10,
+            congruence_on: batch}; irc_opt: {type: IRCLoss, tau: 0.07} (``~`` to disable);
+            bro_opt: {type: BROLoss, power: 2} (``~`` to disable).
+        barycenter_weight: w, 1e-4 (the reference scales L1 by 1e4 instead; RMSprop ignores the global scale).
+        gamma: weight of IRC and BRO inside the barycenter term, 0.05 (the reference's DDP trainer: 0.02).
+        irc_labels: 'degradation' (fine labels, reference) or 'source'.
+        lambda_mode: 'proportional' | 'inverse' | 'uniform'; lambdas: explicit list (overrides the mode).
+        potential_iters: potential steps per iteration, 1.
+        potential_step: 'recompute' (second forward with the updated network, reference) | 'reuse'.
+        gather_embeddings: under DDP, contrast IRC/BRO over the all-gathered global batch (with gradients).
+        optim_g, optim_potential: any torch.optim class; RMSprop(lr 1e-4, alpha 0.99, eps 1e-8) default.
+        scheduler, ema_decay, warmup_iter, total_iter: as in BasicSR (one scheduler per optimizer).
+
+    Without source labels in the data (any paired BasicSR dataset) everything is one source; IRC then
+    has nothing to contrast and is skipped with a logged warning.
+    """
+
+    def init_training_settings(self) -> None:
+        train_opt = self.opt['train']
+        logger = get_root_logger()
+        if 'network_potential' not in self.opt:
+            raise KeyError('BaryIRModel needs a `network_potential` entry (type: BarycenterPotentials) in the YAML.')
+        bare_g = self.get_bare_model(self.net_g)
+        if not getattr(bare_g, 'uses_barycenter', False):
+            raise ValueError('BaryIRModel trains the barycenter map, but network_g has no barycenter latent '
+                             f'(embedding_mode={getattr(bare_g, "embedding_mode", "?")!r}); train it with SRModel.')
+
+        self.source_names, counts, degradation_names = self._source_stats()
+        pot = build_network(self.opt['network_potential'])
+        if pot.num_potentials != len(self.source_names):
+            raise ValueError(f'network_potential.num_potentials is {pot.num_potentials} but the training data has '
+                             f'{len(self.source_names)} source(s) {self.source_names}; make them equal.')
+        if train_opt.get('lambdas') is not None:
+            lam = torch.as_tensor(train_opt['lambdas'], dtype=torch.float32)
+        else:
+            lam = barycenter_weights(counts, train_opt.get('lambda_mode', 'proportional'))
+        pot.set_lambdas(lam)
+        self.net_potential = self.model_to_device(pot)
+        load_path = self.opt['path'].get('pretrain_network_potential')
+        if load_path is not None:
+            self.load_network(self.net_potential, load_path, self.opt['path'].get('strict_load_potential', True),
+                              self.opt['path'].get('param_key_potential', 'params'))
+        # the data's lambdas win over any loaded buffer: the potentials are tied to this training set
+        self.get_bare_model(self.net_potential).set_lambdas(lam)
+        self.lambdas = lam.to(self.device)
+        logger.info('Barycenter weights: ' + ', '.join(f'{n}={float(v):.4f}' for n, v in zip(self.source_names, lam)))
+
+        self.barycenter_weight = float(train_opt.get('barycenter_weight', 1e-4))
+        self.gamma = float(train_opt.get('gamma', 0.05))
+        self.potential_iters = int(train_opt.get('potential_iters', 1))
+        if self.potential_iters < 0:
+            raise ValueError(f'train.potential_iters must be >= 0, got {self.potential_iters}.')
+        self.potential_step_mode = train_opt.get('potential_step', 'recompute')
+        if self.potential_step_mode not in POTENTIAL_STEP_MODES:
+            raise ValueError(f'train.potential_step must be one of {POTENTIAL_STEP_MODES}, '
+                             f'got {self.potential_step_mode!r}.')
+        self.irc_labels = train_opt.get('irc_labels', 'degradation')
+        if self.irc_labels not in ('degradation', 'source'):
+            raise ValueError(f"train.irc_labels must be 'degradation' or 'source', got {self.irc_labels!r}.")
+        self.gather_embeddings = bool(train_opt.get('gather_embeddings', False))
+
+        self.cri_mwb = build_loss(dict(train_opt.get('mwb_opt') or {'type': 'MWBLoss'})).to(self.device)
+        self.cri_potential = build_loss(dict(train_opt.get('potential_opt') or {'type': 'PotentialLoss'}))
+        if getattr(pot, 'congruence', 'penalty') == 'parameterized':
+            self.cri_potential.congruence_weight = 0.0  # holds by construction
+        self.cri_irc = self._optional_loss(train_opt, 'irc_opt', 'IRCLoss')
+        self.cri_bro = self._optional_loss(train_opt, 'bro_opt', 'BROLoss')
+        if self.cri_irc is not None and max(len(self.source_names), len(degradation_names)) < 2:
+            logger.warning('IRC loss skipped: the training data has a single source/degradation, so there is '
+                           'nothing to contrast. Use AllInOneDataset with two or more sources to enable it.')
+            self.cri_irc = None
+        super().init_training_settings()  # EMA, pixel loss, optimizers, schedulers
+        self.net_potential.train()
+
+    @staticmethod
+    def _optional_loss(train_opt: dict, key: str, default_type: str):
+        if key in train_opt and train_opt[key] is None:
+            return None
+        return build_loss(dict(train_opt.get(key) or {'type': default_type}))
+
+    def _source_stats(self) -> tuple[list[str], list[int], list[str]]:
+        """Source names, per-source counts and fine degradation names of the training data."""
+        data_opt = self.opt['datasets'].get('train')
+        if data_opt is not None and getattr(DATASET_REGISTRY.get(data_opt['type']), 'provides_sources', False):
+            dataset = build_dataset(data_opt)  # options are deep-copied; only file lists are read
+            return list(dataset.source_names), list(dataset.source_counts), list(dataset.degradation_names)
+        get_root_logger().warning(f'BaryIRModel: the training dataset ({(data_opt or {}).get("type")}) has no '
+                                  'degradation sources; treating all data as one source.')
+        return ['all'], [1], ['all']
+
+    # ------------------------------------------------------------------------------------------------
+    def setup_optimizers(self) -> None:
+        train_opt = self.opt['train']
+        for key, net in (('optim_g', self.net_g), ('optim_potential', self.net_potential)):
+            cfg = dict(train_opt.get(key) or _RMSPROP)
+            optim_type = cfg.pop('type')
+            params = [p for p in net.parameters() if p.requires_grad]
+            optimizer = self.get_optimizer(optim_type, params, **cfg)
+            setattr(self, 'optimizer_g' if key == 'optim_g' else 'optimizer_potential', optimizer)
+            self.optimizers.append(optimizer)  # order = order in the training state: [g, potential]
+
+    def get_current_learning_rate(self) -> list[float]:
+        return [group['lr'] for opt in self.optimizers for group in opt.param_groups]
+
+    def feed_data(self, data: dict) -> None:
+        super().feed_data(data)
+        b = self.lq.shape[0]
+        if 'source_id' in data:
+            self.source_id = data['source_id'].to(self.device).long().view(b)
+            self.degradation_id = data.get('degradation_id', data['source_id']).to(self.device).long().view(b)
+        else:
+            self.source_id = torch.zeros(b, dtype=torch.long, device=self.device)
+            self.degradation_id = self.source_id
+
+    def _set_potential_grad(self, flag: bool) -> None:
+        for p in self.net_potential.parameters():
+            p.requires_grad_(flag)
+
+    def _gather(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """All-gather along the batch axis with gradients; returns the tensors and this rank's offset."""
+        if not (self.gather_embeddings and self.opt['dist'] and dist.is_initialized()):
+            return list(tensors), 0
+        from torch.distributed.nn.functional import all_gather
+        out = [torch.cat(all_gather(t.contiguous()), dim=0) for t in tensors]
+        return out, dist.get_rank() * tensors[0].shape[0]
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        losses = self.network_step()
+        losses.update(self.potential_step(self._z_bary if self.potential_step_mode == 'reuse' else None))
+        self.log_dict = self.reduce_loss_dict(losses)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    def network_step(self) -> 'OrderedDict[str, torch.Tensor]':
+        """Step 1: restoration network, barycenter map and encoder; the potentials are frozen."""
+        losses: OrderedDict[str, torch.Tensor] = OrderedDict()
+        bare_pot = self.get_bare_model(self.net_potential)
+        lam = self.lambdas[self.source_id]  # (B,) lambda_k(i), a lookup by source index
+        self._set_potential_grad(False)  # and called outside DDP: the potentials get no gradient here
+        self.optimizer_g.zero_grad(set_to_none=True)
+        self.output, z, z_bary, residual = self.net_g(self.lq, return_latents=True)
+        l_total = 0
+        if self.cri_pix is not None:
+            losses['l_pix'] = self.cri_pix(self.output, self.gt)
+            l_total = l_total + losses['l_pix']
+        if self.cri_perceptual is not None:
+            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+            for name, value in (('l_percep', l_percep), ('l_style', l_style)):
+                if value is not None:
+                    losses[name] = value
+                    l_total = l_total + value
+        potential = bare_pot(z_bary, self.source_id)
+        l_bary = losses['l_mwb'] = self.cri_mwb(z, z_bary, potential, lam)
+        labels = self.degradation_id if self.irc_labels == 'degradation' else self.source_id
+        (bank_s, bank_labels), offset = self._gather(residual, labels)
+        if self.cri_irc is not None:
+            losses['l_irc'] = self.cri_irc(residual, labels, lam, bank=bank_s, bank_labels=bank_labels, offset=offset)
+            l_bary = l_bary + self.gamma * losses['l_irc']
+        if self.cri_bro is not None:
+            losses['l_bro'] = self.cri_bro(z_bary, residual, lam, bank=bank_s)
+            l_bary = l_bary + self.gamma * losses['l_bro']
+        (l_total + self.barycenter_weight * l_bary).backward()
+        self.optimizer_g.step()
+        self._set_potential_grad(True)
+
+        self._z_bary = z_bary.detach()
+        with torch.no_grad():
+            losses['transport_cost'] = transport_cost(z, z_bary, self.cri_mwb.cost).mean()
+            scores = potential.detach()
+            for k, name in enumerate(self.source_names):  # 0 when the batch holds no sample of a source
+                mask = (self.source_id == k).to(scores.dtype)
+                losses[f'f_{name}'] = (scores * mask).sum() / mask.sum().clamp(min=1)
+        return OrderedDict((k, v.detach()) for k, v in losses.items())
+
+    def potential_step(self, z_bary: Optional[torch.Tensor] = None) -> 'OrderedDict[str, torch.Tensor]':
+        """Step 2: ``potential_iters`` updates of the potentials on barycenter latents, network frozen.
+
+        ``z_bary=None`` recomputes them with the current network (the reference: one more forward).
+        """
+        losses: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if not self.potential_iters:
+            return losses
+        if z_bary is None:
+            with torch.no_grad():
+                _, _, z_bary, _ = self.get_bare_model(self.net_g)(self.lq, return_latents=True)
+        lam = self.lambdas[self.source_id]
+        lambdas = self.get_bare_model(self.net_potential).lambdas
+        for _ in range(self.potential_iters):
+            self.optimizer_potential.zero_grad(set_to_none=True)
+            scores = self.net_potential(z_bary)  # (B, K), through DDP: gradients are all-reduced
+            own = scores.gather(1, self.source_id.view(-1, 1)).squeeze(1)
+            congruence = (scores * lambdas.to(scores.dtype)).sum(dim=1)
+            l_pot = self.cri_potential(own, congruence, lam)
+            l_pot.backward()
+            self.optimizer_potential.step()
+        losses['l_potential'] = l_pot.detach()
+        losses['congruence'] = congruence.detach().pow(2).mean()
+        return losses
+
+    # ------------------------------------------------------------------------------------------------
+    def save(self, epoch: int, current_iter: int) -> None:
+        self._rng_states = self._gather_rng_states()  # collective: every rank calls save()
+        if hasattr(self, 'net_g_ema'):
+            self.save_network([self.net_g, self.net_g_ema], 'net_g', current_iter, param_key=['params', 'params_ema'])
+        else:
+            self.save_network(self.net_g, 'net_g', current_iter)
+        self.save_network(self.net_potential, 'net_potential', current_iter)
+        self.save_training_state(epoch, current_iter)
+
+    def _gather_rng_states(self) -> list:
+        state = capture_rng_state()
+        if self.opt['dist'] and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+            return states
+        return [state]
+
+    @master_only
+    def save_training_state(self, epoch: int, current_iter: int) -> None:
+        if current_iter == -1:
+            return
+        state = {'epoch': epoch, 'iter': current_iter,
+                 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers],
+                 'rng': getattr(self, '_rng_states', None) or [capture_rng_state()],
+                 'source_names': list(self.source_names)}
+        atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    def resume_training(self, resume_state: dict) -> None:
+        saved = resume_state.get('source_names')
+        if saved is not None and list(saved) != list(self.source_names):
+            raise ValueError(f'resume: the training state was written for sources {saved}, but the data now has '
+                             f'{self.source_names}; the potentials would be mixed up. Keep the source list.')
+        super().resume_training(resume_state)
+        rng = resume_state.get('rng')
+        if rng:
+            rank = self.opt.get('rank', 0)
+            if rank < len(rng):
+                restore_rng_state(rng[rank])
+            else:
+                get_root_logger().warning(f'resume: no random state saved for rank {rank}; the data order of this '
+                                          'rank will differ from an uninterrupted run.')

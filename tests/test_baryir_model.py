@@ -1,0 +1,256 @@
+"""BaryIRModel and AllInOneDataset: the training step, lambdas, exact resume, DDP."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from basicsr.data import build_dataset
+from basicsr.models import build_model
+
+from baryir_plugin.models import barycenter_weights
+
+from .conftest import OPTIONS, REPO, load_script, run
+
+MODEL_YML = OPTIONS / 'train_baryir_model.yml'
+
+
+def _opt(workdir: Path, **train_overrides) -> dict:
+    """The YAML as BasicSR's parse_options would hand it to build_model (single process, CPU)."""
+    opt = yaml.safe_load(MODEL_YML.read_text())
+    opt.update(dist=False, rank=0, world_size=1, is_train=True, num_gpu=0, auto_resume=False)
+    for phase, data_opt in opt['datasets'].items():
+        data_opt['phase'] = phase.split('_')[0]
+        data_opt['scale'] = 1
+    exp = workdir / 'experiments' / opt['name']
+    opt['path'].update(experiments_root=str(exp), models=str(exp / 'models'), log=str(exp),
+                       training_states=str(exp / 'training_states'), visualization=str(exp / 'visualization'))
+    opt['train'].update(train_overrides)
+    return opt
+
+
+def _batch(opt: dict) -> dict:
+    dataset = build_dataset(opt['datasets']['train'])
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)
+    for batch in loader:
+        if len(set(batch['source_id'].tolist())) == 2:
+            return batch
+    raise AssertionError('no batch with both sources')
+
+
+def _snapshot(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict, module: torch.nn.Module, prefix: str = '') -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if k.startswith(prefix))
+
+
+def test_lambda_modes():
+    counts = [100, 300]
+    assert torch.allclose(barycenter_weights(counts, 'proportional'), torch.tensor([0.25, 0.75]))
+    assert torch.allclose(barycenter_weights(counts, 'inverse'), torch.tensor([0.75, 0.25]))
+    assert torch.allclose(barycenter_weights(counts, 'uniform'), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match='lambda_mode'):
+        barycenter_weights(counts, 'softmax')
+    with pytest.raises(ValueError, match='positive'):
+        barycenter_weights([0, 3])
+
+
+def test_all_in_one_dataset_sources_labels_and_counts(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    opt = _opt(workdir)
+    ds = build_dataset(opt['datasets']['train'])
+    assert ds.source_names == ['noise', 'rain']
+    assert ds.source_counts == [4 * 2, 4 * 2]  # 4 clean tiles x 2 sigmas; 4 rain pairs x repeat 2
+    assert ds.degradation_names == ['noise_15', 'noise_50', 'rain']
+    assert ds.source_index('rain') == 1
+    with pytest.raises(KeyError, match="no source named 'snow'"):
+        ds.source_index('snow')
+    seen = Counter((int(s['source_id']), int(s['degradation_id'])) for s in (ds[i] for i in range(len(ds))))
+    assert seen == {(0, 0): 4, (0, 1): 4, (1, 2): 8}
+    sample = ds[0]
+    assert sample['lq'].shape == sample['gt'].shape == (3, 32, 32)
+
+
+def test_all_in_one_dataset_options_are_checked(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    opt = _opt(workdir)['datasets']['train']
+    bad = dict(opt, sources=[opt['sources'][0], dict(opt['sources'][0])])
+    with pytest.raises(ValueError, match="'noise' appears twice"):
+        build_dataset(bad)
+    with pytest.raises(ValueError, match='needs `name` and `type`'):
+        build_dataset(dict(opt, sources=[{'type': 'PairedImageDataset'}]))
+    with pytest.raises(ValueError, match='non-empty list'):
+        build_dataset(dict(opt, sources=[]))
+
+
+def test_noise_source_matches_the_reference_formula_and_is_fixed_at_test_time(workdir):
+    import numpy as np
+
+    from baryir_plugin.data import gaussian_noise
+    clean = np.full((4, 4, 3), 250, np.uint8)
+    noisy = gaussian_noise(clean, np.random.default_rng(0), 25)
+    expected = np.clip(250 + np.random.default_rng(0).standard_normal((4, 4, 3)).astype(np.float32) * 25, 0, 255)
+    assert np.array_equal(noisy, expected.astype(np.uint8))  # clip, then truncate
+    opt = {'name': 'n', 'type': 'GaussianNoiseDataset', 'phase': 'val', 'sigmas': [25],
+           'dataroot_gt': str(workdir / 'datasets' / 'tiny' / 'train' / 'clean')}
+    a, b = build_dataset(opt), build_dataset(opt)
+    assert torch.equal(a[1]['lq'], b[1]['lq']) and not torch.equal(a[1]['lq'], a[1]['gt'])
+
+
+def test_dihedral_augmentation_covers_all_eight_including_identity(workdir):
+    import random
+
+    opt = {'name': 'n', 'type': 'GaussianNoiseDataset', 'phase': 'train', 'sigmas': [0], 'gt_size': 48,
+           'use_hflip': True, 'use_rot': True, 'dataroot_gt': str(workdir / 'datasets' / 'tiny' / 'train' / 'clean')}
+    ds = build_dataset(opt)
+    base = build_dataset(dict(opt, phase='val'))[0]['gt']  # 48x48 tile = the whole image, no crop freedom
+    variants = [base.rot90(k, dims=(1, 2)) for k in range(4)]
+    variants += [v.flip(2) for v in variants]
+    random.seed(0)
+    seen = set()
+    for _ in range(80):
+        out = ds[0]['gt']
+        seen.add(next(i for i, v in enumerate(variants) if torch.equal(out, v)))
+    assert seen == set(range(8))
+
+
+def test_training_step_updates_the_right_networks(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    opt = _opt(workdir)
+    model = build_model(opt)
+    assert [type(o).__name__ for o in model.optimizers] == ['RMSprop', 'RMSprop']
+    assert len(model.schedulers) == 2
+    assert torch.allclose(model.lambdas, torch.tensor([0.5, 0.5]))
+    model.feed_data(_batch(opt))
+
+    g0, p0 = _snapshot(model.net_g), _snapshot(model.net_potential)
+    losses = model.network_step()
+    assert {'l_pix', 'l_mwb', 'l_irc', 'l_bro', 'transport_cost', 'f_noise', 'f_rain'} <= set(losses)
+    assert _changed(g0, model.net_g, 'bary_map.') and _changed(g0, model.net_g, 'encoder1.')
+    assert _changed(g0, model.net_g, 'latent.')
+    assert not _changed(p0, model.net_potential), 'the network step must not move the potentials'
+
+    g1 = _snapshot(model.net_g)
+    losses = model.potential_step()
+    assert set(losses) == {'l_potential', 'congruence'}
+    assert _changed(p0, model.net_potential, 'fc1_weight') and _changed(p0, model.net_potential, 'conv_weight')
+    assert not _changed(g1, model.net_g), 'the potential step must not move the network'
+
+    model.optimize_parameters(1)
+    assert all(isinstance(v, float) for v in model.log_dict.values())
+
+
+def test_without_sources_one_potential_and_irc_skipped(workdir, monkeypatch, caplog):
+    monkeypatch.chdir(workdir)
+    opt = _opt(workdir)
+    opt['datasets']['train'] = dict(opt['datasets']['val'], phase='train', gt_size=32, use_hflip=True,
+                                    use_rot=True, batch_size_per_gpu=2, name='plain',
+                                    dataroot_gt='datasets/tiny/train/rain/gt', dataroot_lq='datasets/tiny/train/rain/lq')
+    opt['network_potential']['num_potentials'] = 1
+    model = build_model(opt)
+    assert model.source_names == ['all'] and model.cri_irc is None
+    ds = build_dataset(opt['datasets']['train'])
+    model.feed_data(next(iter(torch.utils.data.DataLoader(ds, batch_size=2))))
+    model.optimize_parameters(1)
+    assert 'l_irc' not in model.log_dict and 'l_mwb' in model.log_dict
+
+    opt['network_potential']['num_potentials'] = 3
+    with pytest.raises(ValueError, match='num_potentials is 3 but the training data has 1 source'):
+        build_model(opt)
+
+
+def test_reuse_mode_skips_the_second_forward(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    opt = _opt(workdir, potential_step='reuse')
+    model = build_model(opt)
+    model.feed_data(_batch(opt))
+    calls = []
+    model.net_g.register_forward_hook(lambda *a: calls.append(1))
+    model.optimize_parameters(1)
+    assert len(calls) == 1
+    opt = _opt(workdir, potential_step='recompute')
+    model = build_model(opt)
+    model.feed_data(_batch(opt))
+    calls.clear()
+    model.net_g.register_forward_hook(lambda *a: calls.append(1))
+    model.optimize_parameters(1)
+    assert len(calls) == 2
+
+
+_DRIVER = textwrap.dedent('''
+    import json, sys
+    import baryir_plugin
+    from baryir_plugin.models.baryir_model import BaryIRModel
+    from baryir_plugin.cli import main
+
+    record = sys.argv[1]  # sys.argv is rewritten for BasicSR's option parser
+    original = BaryIRModel.optimize_parameters
+    def recording(self, current_iter):
+        original(self, current_iter)
+        with open(record, 'a') as f:
+            f.write(json.dumps({'iter': current_iter, **self.log_dict}) + '\\n')
+    BaryIRModel.optimize_parameters = recording
+    sys.exit(main(sys.argv[2:]))
+''')
+
+
+def _losses(path: Path) -> dict[int, dict]:
+    return {r['iter']: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_resume_reproduces_the_uninterrupted_run(workdir, tmp_path):
+    """6 iterations straight vs. stop after 2 and --auto_resume: iterations 3-6 (mid-epoch resume and
+    an epoch boundary: 16 samples, batch 3 -> 5 iterations per epoch) give the same losses."""
+    driver = tmp_path / 'driver.py'
+    driver.write_text(_DRIVER)
+    straight = tmp_path / 'straight.jsonl'
+    run([sys.executable, str(driver), str(straight), 'train', '-opt', str(MODEL_YML)], cwd=workdir)
+
+    resumed_dir = tmp_path / 'resumed'
+    exp = resumed_dir / 'experiments' / 'baryir_model_tiny'
+    (exp / 'models').mkdir(parents=True)
+    (exp / 'training_states').mkdir()
+    src = workdir / 'experiments' / 'baryir_model_tiny'
+    for name in ('net_g_2.pth', 'net_potential_2.pth'):
+        shutil.copy(src / 'models' / name, exp / 'models' / name)
+    shutil.copy(src / 'training_states' / '2.state', exp / 'training_states' / '2.state')
+    (resumed_dir / 'datasets').symlink_to(workdir / 'datasets')
+    resumed = tmp_path / 'resumed.jsonl'
+    run([sys.executable, str(driver), str(resumed), 'train', '-opt', str(MODEL_YML), '--auto_resume'], cwd=resumed_dir)
+
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [3, 4, 5, 6]
+    for it in (3, 4, 5, 6):
+        for key, value in a[it].items():
+            assert b[it][key] == pytest.approx(value, abs=1e-5), f'iter {it} {key}: {b[it][key]} vs {value}'
+    state = torch.load(src / 'training_states' / '2.state', weights_only=True)
+    assert len(state['optimizers']) == 2 and len(state['schedulers']) == 2
+    assert state['source_names'] == ['noise', 'rain'] and len(state['rng']) == 1
+
+
+def test_demo_config_under_torchrun_gloo(tmp_path):
+    load_script('make_demo_data').build(str(tmp_path / 'datasets' / 'demo'), preset='demo')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'baryir_plugin',
+           'train', '-opt', str(REPO / 'options' / 'train_baryir_demo.yml'), '--launcher', 'pytorch', '--force_yml',
+           'train:total_iter=4', 'logger:save_checkpoint_freq=2', 'logger:print_freq=1',
+           'train:gather_embeddings=true', 'name=demo_ddp']
+    run(cmd, cwd=tmp_path, timeout=600)
+    exp = tmp_path / 'experiments' / 'demo_ddp'
+    log = '\n'.join(p.read_text() for p in exp.glob('train_*.log'))
+    assert 'World size (gpu number): 2' in log
+    assert re.search(r'iter:\s+4,.*l_irc', log)
+    assert len(re.findall(r'# psnr', log)) == 5  # final validation on the five demo sets
+    assert {'net_g_latest.pth', 'net_potential_latest.pth', 'net_potential_4.pth'} <= {
+        p.name for p in (exp / 'models').iterdir()}
+    state = torch.load(exp / 'training_states' / '4.state', weights_only=True)
+    assert len(state['rng']) == 2  # one random state per rank
