@@ -31,8 +31,9 @@ import numpy as np
 PAIRED = ('rain', 'haze', 'blur', 'lowlight')
 PRESETS = {
     # train: photos cut into tiles of train_size; val: (photo, height, width) centre crops
-    'demo': {'train_photos': ('astronaut', 'chelsea', 'coffee', 'retina', 'hubble_deep_field', 'immunohistochemistry'),
-             'train_size': 128, 'tiles_per_photo': 4, 'val': (('rocket', 140, 108), ('camera', 92, 116))},
+    'demo': {'train_photos': ('astronaut', 'chelsea', 'coffee', 'retina', 'hubble_deep_field', 'immunohistochemistry',
+                              'motorcycle_left', 'coins', 'moon', 'brick', 'grass', 'gravel'),
+             'train_size': 96, 'tiles_per_photo': 8, 'val': (('rocket', 140, 108), ('camera', 92, 116))},
     'tiny': {'train_photos': ('astronaut', 'coffee'), 'train_size': 48, 'tiles_per_photo': 2,
              'val': (('chelsea', 36, 44), ('rocket', 29, 51))},
 }
@@ -49,7 +50,7 @@ def load_photo(name: str) -> np.ndarray:
     """A bundled scikit-image photo as uint8 BGR (H, W, 3)."""
     from skimage import data
 
-    img = getattr(data, name)()
+    img = data.stereo_motorcycle()[0] if name == 'motorcycle_left' else getattr(data, name)()
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     if img.dtype != np.uint8:
