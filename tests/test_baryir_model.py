@@ -254,3 +254,14 @@ def test_demo_config_under_torchrun_gloo(tmp_path):
         p.name for p in (exp / 'models').iterdir()}
     state = torch.load(exp / 'training_states' / '4.state', weights_only=True)
     assert len(state['rng']) == 2  # one random state per rank
+
+
+def test_test_mode_builds_only_the_restoration_network():
+    opt = yaml.safe_load((REPO / 'options' / 'test_baryir_demo.yml').read_text())
+    opt.update(dist=False, rank=0, world_size=1, is_train=False, num_gpu=0)
+    opt['path']['pretrain_network_g'] = None
+    model = build_model(opt)
+    assert type(model).__name__ == 'BaryIRModel' and not hasattr(model, 'net_potential')
+    model.feed_data({'lq': torch.rand(1, 3, 29, 51)})
+    model.test()
+    assert model.output.shape == (1, 3, 29, 51)
