@@ -127,16 +127,18 @@ def _convert_official(args: argparse.Namespace) -> int:
     from baryir_plugin.official import convert_official, potentials_output_path
 
     net_g, net_potential = convert_official(args.input)
+    if args.no_potentials:
+        net_potential = None
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     compat.atomic_torch_save(net_g, args.output)
     print(f'wrote {args.output} (network_g, {sum(t.numel() for t in net_g["params"].values()):,} parameters)')
-    if net_potential is not None and not args.no_potentials:
+    if net_potential is not None:
         pot_path = args.potentials_out or potentials_output_path(args.output)
         compat.atomic_torch_save(net_potential, pot_path)
         print(f'wrote {pot_path} (network_potential)')
     print('\nnetwork_g options for your YAML file:')
     print(yaml.safe_dump({'network_g': net_g['baryir_config']}, sort_keys=False, default_flow_style=None))
-    if net_potential is not None and not args.no_potentials:
+    if net_potential is not None:
         print('network_potential options:')
         print(yaml.safe_dump({'network_potential': net_potential['baryir_config']}, sort_keys=False,
                              default_flow_style=None))

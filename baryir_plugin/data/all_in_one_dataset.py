@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import itertools
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ class AllInOneDataset(data.Dataset):
         for i, entry in enumerate(entries):
             self._add_source(i, entry)
         self.source_counts = [len(ds) * r for ds, r in zip(self.sources, self.repeats)]
-        self._ends = list(torch.tensor(self.source_counts).cumsum(0).tolist())
+        self._ends = list(itertools.accumulate(self.source_counts))  # end index of each source
         logger = get_root_logger()
         for name, ds, r, n in zip(self.source_names, self.sources, self.repeats, self.source_counts):
             logger.info(f'AllInOneDataset source {name!r}: {len(ds)} samples x {r} = {n}')

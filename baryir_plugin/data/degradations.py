@@ -1,7 +1,7 @@
 """Synthetic degradations for demo and test data (uint8 BGR in, uint8 BGR out, explicit RNG).
 
 Simple physically motivated models, enough to give each source its own statistics; not a replacement
-for the real training sets of the papers (docs/datasets.md).
+for the real training sets of the papers.
 """
 from __future__ import annotations
 
