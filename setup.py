@@ -34,7 +34,7 @@ setup(
         'pyyaml',
         'numpy',
     ],
-    extras_require={'test': ['pytest']},
+    extras_require={'test': ['pytest', 'pypiqe']},  # pypiqe: reference PIQE for tests/test_metrics_quality.py
     entry_points={
         'console_scripts': [
             'baryir = baryir_plugin.cli:main',

@@ -7,7 +7,7 @@ from . import compat
 
 compat.apply()  # must run before the first `import basicsr`
 
-from . import archs, data, losses, models  # noqa: E402  (registers networks, datasets, losses, models)
+from . import archs, data, losses, metrics, models  # noqa: E402  (registers archs, datasets, losses, metrics, models)
 from .version import __version__  # noqa: E402
 
-__all__ = ['archs', 'compat', 'data', 'losses', 'models', '__version__']
+__all__ = ['archs', 'compat', 'data', 'losses', 'metrics', 'models', '__version__']

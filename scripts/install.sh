@@ -30,9 +30,10 @@ if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[install] $TORCH_PIN"
   "${PIP[@]}" $TORCH_PIN
 fi
-if ! "$PY" -c "import basicsr, mmengine, einops, lmdb, cv2, yaml, pytest" >/dev/null 2>&1; then
+if ! "$PY" -c "import basicsr, mmengine, einops, lmdb, cv2, yaml, pytest, pypiqe" >/dev/null 2>&1; then
   echo "[install] basicsr==1.4.2 (no build isolation) and the other dependencies"
-  "${PIP[@]}" --no-build-isolation basicsr==1.4.2 mmengine einops lmdb opencv-python pyyaml pytest
+  # pypiqe is test-only: the independent PIQE implementation tests/test_metrics_quality.py compares against
+  "${PIP[@]}" --no-build-isolation basicsr==1.4.2 mmengine einops lmdb opencv-python pyyaml pytest pypiqe
 fi
 echo "[install] baryir-plugin (editable)"
 "${PIP[@]}" --no-build-isolation --no-deps -e .
