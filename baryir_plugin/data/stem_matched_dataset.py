@@ -1,0 +1,158 @@
+"""Paired LQ/GT images whose names differ by a rule (Rain100L's rain-/norain-, RESIDE's many hazy per clear)."""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+from basicsr.data.transforms import augment, paired_random_crop
+from basicsr.utils import FileClient, bgr2ycbcr, img2tensor
+from basicsr.utils.registry import DATASET_REGISTRY
+from torch.utils import data
+from torchvision.transforms.functional import normalize
+
+from .layout import compile_rule, gt_stem, list_images, lmdb_keys, stem
+
+
+def read_image(file_client: FileClient, path: str, client_key: str) -> np.ndarray:
+    """uint8 BGR (H, W, 3) image from a BasicSR FileClient; grey images are expanded to 3 channels.
+
+    Raises:
+        OSError: the file / LMDB key is absent or does not decode (names it and says how to find others).
+    """
+    buf = file_client.get(path, client_key)
+    if buf is None:  # the LMDB backend returns None for an absent key
+        raise OSError(f'{client_key} image {path!r}: key not in the LMDB; rebuild it with scripts/make_lmdb.py.')
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise OSError(f'{client_key} image {path!r} does not decode (corrupt or truncated); replace it and run '
+                      'scripts/check_datasets.py to find any others.')
+    return img
+
+
+def check_same_size(img_lq: np.ndarray, img_gt: np.ndarray, lq_path: str, gt_path: str, who: str) -> None:
+    """Raise when a pair's sizes differ (restoration here is 1x; BasicSR would crop or fail obscurely)."""
+    if img_lq.shape[:2] != img_gt.shape[:2]:
+        raise ValueError(f'{who}: LQ {lq_path!r} is {img_lq.shape[1]}x{img_lq.shape[0]} but its GT {gt_path!r} is '
+                         f'{img_gt.shape[1]}x{img_gt.shape[0]} (WxH); the pair must have the same size. Fix or '
+                         'remove the pair (scripts/check_datasets.py lists every such pair).')
+
+
+@DATASET_REGISTRY.register()
+class StemMatchedPairedDataset(data.Dataset):
+    """LQ/GT pairs matched by a regular-expression rule on file stems, from folders or BasicSR LMDBs.
+
+    BasicSR's PairedImageDataset needs the same name on both sides (up to ``filename_tmpl``); the real
+    sets do not: Rain100L pairs ``rain-12.png`` with ``norain-12.png`` and RESIDE OTS has many hazy
+    ``0025_0.8_0.1.jpg`` per clear ``0025.jpg``. Every LQ file is one sample; its GT is the file whose
+    stem is ``re.sub(PATTERN, REPLACEMENT, lq_stem)``. The extension may differ.
+
+    Options (YAML):
+        dataroot_lq: LQ folder, or ``.lmdb`` with ``io_backend: {type: lmdb}``.
+        dataroot_gt: GT folder, or ``.lmdb``.
+        lq_to_gt: ``[PATTERN, REPLACEMENT]`` for ``re.sub`` on the LQ stem (default: none, same stem),
+            e.g. ``['^rain-', 'norain-']``, ``['^([^_]+)_.*$', '\\1']``; rules of the standard sets are in
+            baryir_plugin/data/layout.py.
+        io_backend: BasicSR FileClient options, ``{type: disk}`` (default) or ``{type: lmdb}``. LMDB keys
+            are the stems, read from each LMDB's meta_info.txt (dots inside stems are kept).
+        phase: 'train' -> aligned random crop of ``gt_size`` and dihedral augmentation; otherwise the
+            whole images (which must have the same size).
+        gt_size: training crop size (required when phase is train).
+        use_hflip, use_rot: augmentation as in BasicSR (both true: all 8 dihedral transforms). Default true.
+        mean, std: optional per-channel normalisation (torchvision ``normalize``) of both images.
+        color: 'y' for the Y channel only (as PairedImageDataset).
+        scale: must be 1 or absent (restoration, not super-resolution).
+        filename_tmpl: accepted only as '{}' (AllInOneDataset may pass it); use ``lq_to_gt`` instead.
+
+    Returns dicts with ``lq``, ``gt`` (RGB CHW float tensors in [0, 1]), ``lq_path`` and ``gt_path``
+    (file paths, or LMDB keys).
+    """
+
+    def __init__(self, opt: dict) -> None:
+        super().__init__()
+        self.opt = opt
+        self.who = f'StemMatchedPairedDataset ({opt.get("name", "unnamed")})'
+        for key in ('dataroot_lq', 'dataroot_gt'):
+            if not opt.get(key):
+                raise KeyError(f'{self.who}: option {key!r} is required.')
+        if opt.get('scale', 1) != 1:
+            raise ValueError(f'{self.who}: scale must be 1 (restoration keeps the size), got {opt["scale"]!r}.')
+        if opt.get('filename_tmpl', '{}') != '{}':
+            raise ValueError(f'{self.who}: filename_tmpl {opt["filename_tmpl"]!r} is not supported; express the '
+                             'name mapping as lq_to_gt: [PATTERN, REPLACEMENT].')
+        if opt.get('phase') == 'train' and not opt.get('gt_size'):
+            raise KeyError(f'{self.who}: option gt_size (training crop size) is required in the train phase.')
+        self.rule_opt = opt.get('lq_to_gt')
+        self.rule = compile_rule(self.rule_opt, f'{self.who}: lq_to_gt')
+        self.mean = opt.get('mean')
+        self.std = opt.get('std')
+        # Copy: AllInOneDataset hands every source its own dict, but a plain entry must not see db_paths added.
+        self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
+        self.file_client = None
+        self.lq_root, self.gt_root = str(opt['dataroot_lq']), str(opt['dataroot_gt'])
+        if self.io_backend_opt.get('type') == 'lmdb':
+            self.io_backend_opt['db_paths'] = [self.lq_root, self.gt_root]
+            self.io_backend_opt['client_keys'] = ['lq', 'gt']
+            try:
+                lq_items = [(k, k) for k in lmdb_keys(self.lq_root)]
+                gt_index = self._index(lmdb_keys(self.gt_root), lambda k: k, 'key')
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f'{self.who}: dataroot_lq / dataroot_gt with io_backend lmdb: {err}') from None
+        else:
+            for key, root in (('dataroot_lq', self.lq_root), ('dataroot_gt', self.gt_root)):
+                if not os.path.isdir(root):
+                    raise FileNotFoundError(f'{self.who}: {key} {root!r} is not a folder (for an LMDB set '
+                                            'io_backend: {type: lmdb}).')
+            lq_items = [(stem(n), os.path.join(self.lq_root, n)) for n in list_images(self.lq_root)]
+            gt_index = {s: os.path.join(self.gt_root, n)
+                        for s, n in self._index(list_images(self.gt_root), stem, 'file').items()}
+        if not lq_items:
+            raise ValueError(f'{self.who}: no LQ images in {self.lq_root!r}.')
+        self.paths: list[dict[str, str]] = []
+        for lq_stem, lq_path in lq_items:
+            target = gt_stem(lq_stem, self.rule)
+            if target not in gt_index:
+                missing = sum(gt_stem(s, self.rule) not in gt_index for s, _ in lq_items)
+                rule = f'lq_to_gt {list(self.rule_opt)}' if self.rule else 'no lq_to_gt rule (same stem)'
+                raise FileNotFoundError(
+                    f'{self.who}: no GT for LQ {lq_path!r}: {rule} gives GT stem {target!r}, which is not in '
+                    f'dataroot_gt {self.gt_root!r} ({missing} of {len(lq_items)} LQ images lack a GT). Fix: set '
+                    'lq_to_gt to the rule of this set (docs/datasets.md), add the missing GT images or remove '
+                    'the unpaired LQ ones; scripts/check_datasets.py lists them all.')
+            self.paths.append({'lq_path': lq_path, 'gt_path': gt_index[target]})
+
+    def _index(self, names: list[str], to_stem, what: str) -> dict[str, str]:
+        """stem -> name; two GT names with one stem would make the pairing ambiguous."""
+        index: dict[str, str] = {}
+        for name in names:
+            s = to_stem(name)
+            if s in index:
+                raise ValueError(f'{self.who}: GT {what}s {index[s]!r} and {name!r} in {self.gt_root!r} share the stem '
+                                 f'{s!r}, so the pairing is ambiguous; keep one of them.')
+            index[s] = name
+        return index
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.file_client is None:
+            opt = dict(self.io_backend_opt)
+            self.file_client = FileClient(opt.pop('type'), **opt)
+        lq_path, gt_path = self.paths[index]['lq_path'], self.paths[index]['gt_path']
+        img_lq = read_image(self.file_client, lq_path, 'lq')
+        img_gt = read_image(self.file_client, gt_path, 'gt')
+        check_same_size(img_lq, img_gt, lq_path, gt_path, self.who)
+        if self.opt.get('phase') == 'train':
+            img_gt, img_lq = paired_random_crop(img_gt, img_lq, self.opt['gt_size'], 1, gt_path)
+            img_gt, img_lq = augment([img_gt, img_lq], self.opt.get('use_hflip', True), self.opt.get('use_rot', True))
+        img_gt = img_gt.astype(np.float32) / 255.0
+        img_lq = img_lq.astype(np.float32) / 255.0
+        if self.opt.get('color') == 'y':
+            img_gt = bgr2ycbcr(img_gt, y_only=True)[..., None]
+            img_lq = bgr2ycbcr(img_lq, y_only=True)[..., None]
+        img_gt, img_lq = img2tensor([img_gt, img_lq], bgr2rgb=True, float32=True)
+        if self.mean is not None or self.std is not None:
+            normalize(img_lq, self.mean, self.std, inplace=True)
+            normalize(img_gt, self.mean, self.std, inplace=True)
+        return {'lq': img_lq, 'gt': img_gt, 'lq_path': lq_path, 'gt_path': gt_path}
