@@ -6,6 +6,10 @@ working directory as BasicSR's root (so ``experiments/``, ``results/`` and ``tb_
 after importing every package registered in the ``basicsr.plugins`` entry-point group. basicsr ships
 no console script of its own; ``baryir train|test`` is the same command under our own name.
 
+Option files may write ``${data_root}`` in their paths (e.g. ``dataroot_gt: ${data_root}/CBSD68``); the
+root comes from ``--data-root DIR`` (a flag of this command, not of BasicSR) or the ``BARYIR_DATA_ROOT``
+environment variable, so one file serves every machine.
+
 Multi-process: ``torchrun --standalone --nproc_per_node=N -m baryir_plugin train -opt FILE.yml --launcher pytorch``
 (NCCL on GPUs, gloo on CPU).
 """
@@ -15,10 +19,13 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 PLUGIN_GROUP = 'basicsr.plugins'
 PIPELINES = ('train', 'test')
+DATA_ROOT_PLACEHOLDER = '${data_root}'
+DATA_ROOT_ENV = 'BARYIR_DATA_ROOT'
 
 
 def load_plugins() -> list[str]:
@@ -56,7 +63,7 @@ def _normalise_basicsr_args(argv: Sequence[str]) -> list[str]:
     return args
 
 
-def _check_opt_file(kind: str, argv: Sequence[str]) -> None:
+def _check_opt_file(kind: str, argv: Sequence[str]) -> str:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('-opt')
     known, _ = pre.parse_known_args(argv)
@@ -64,15 +71,63 @@ def _check_opt_file(kind: str, argv: Sequence[str]) -> None:
         raise SystemExit(f'basicsr {kind}: the option file is missing; usage: basicsr {kind} -opt FILE.yml')
     if not os.path.isfile(known.opt):
         raise SystemExit(f'basicsr {kind}: -opt {known.opt!r}: no such file (paths are relative to {os.getcwd()}).')
+    return known.opt
+
+
+def _pop_data_root(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """Remove ``--data-root DIR`` / ``--data-root=DIR`` from argv (BasicSR's parser would refuse it)."""
+    out, root, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == '--data-root':
+            if i + 1 >= len(argv):
+                raise SystemExit('basicsr: --data-root needs a folder, e.g. --data-root ../data')
+            root, i = argv[i + 1], i + 2
+            continue
+        if a.startswith('--data-root='):
+            root = a.split('=', 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return out, root
+
+
+def resolve_data_root(opt_path: str, data_root: Optional[str], out_dir: Optional[str] = None) -> str:
+    """Return an option file with ``${data_root}`` replaced (a copy in out_dir, default a new temporary
+    folder), or opt_path itself when it has no placeholder."""
+    with open(opt_path, encoding='utf-8') as f:
+        text = f.read()
+    if DATA_ROOT_PLACEHOLDER not in text:
+        if data_root is not None:
+            print(f'basicsr: --data-root given but {opt_path} has no {DATA_ROOT_PLACEHOLDER} placeholder; ignored.',
+                  file=sys.stderr)
+        return opt_path
+    data_root = data_root or os.environ.get(DATA_ROOT_ENV)
+    if not data_root:
+        raise SystemExit(f'basicsr: {opt_path} reads its images from {DATA_ROOT_PLACEHOLDER}; pass --data-root DIR '
+                         f'(or set {DATA_ROOT_ENV}).')
+    if not os.path.isdir(data_root):
+        raise SystemExit(f'basicsr: --data-root {data_root!r} is not a folder (relative to {os.getcwd()}).')
+    # forward slashes keep the YAML scalar free of backslash escapes on every platform
+    resolved = text.replace(DATA_ROOT_PLACEHOLDER, os.path.abspath(data_root).replace(os.sep, '/'))
+    out = os.path.join(out_dir or tempfile.mkdtemp(prefix='basicsr_opt_'), os.path.basename(opt_path))
+    if os.path.abspath(out) == os.path.abspath(opt_path):
+        raise ValueError(f'resolve_data_root: refusing to overwrite the option file {opt_path}; give another out_dir.')
+    with open(out, 'w', encoding='utf-8') as f:
+        f.write(resolved)
+    return out
 
 
 def run_pipeline(kind: str, argv: Sequence[str]) -> None:
     """Run BasicSR's ``train_pipeline``/``test_pipeline`` with BasicSR's own flags."""
     if kind not in PIPELINES:
         raise ValueError(f'unknown pipeline {kind!r}; use one of {PIPELINES}.')
-    argv = _normalise_basicsr_args(argv)
+    argv, data_root = _pop_data_root(_normalise_basicsr_args(argv))
     if not any(a in ('-h', '--help') for a in argv):
-        _check_opt_file(kind, argv)
+        opt_path = _check_opt_file(kind, argv)
+        resolved = resolve_data_root(opt_path, data_root)
+        if resolved != opt_path:
+            argv = [resolved if a == opt_path else a for a in argv]
     load_plugins()
     from baryir_plugin import compat
 
@@ -96,7 +151,7 @@ def run_pipeline(kind: str, argv: Sequence[str]) -> None:
 
 def _usage(prog: str) -> str:
     return (f'usage: {prog} {{train,test}} -opt FILE.yml [--launcher {{none,pytorch,slurm}}] [--auto_resume] '
-            '[--debug] [--local_rank N] [--force_yml KEY=VALUE ...]')
+            '[--debug] [--local_rank N] [--force_yml KEY=VALUE ...] [--data-root DIR]')
 
 
 def basicsr_main(argv: Optional[Sequence[str]] = None) -> int:

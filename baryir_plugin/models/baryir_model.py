@@ -10,7 +10,9 @@ Per iteration (method.md Sec. 5; paper 003, Alg. 1):
 from __future__ import annotations
 
 import os
+import os.path as osp
 import random
+import time
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -20,13 +22,16 @@ import torch.distributed as dist
 from basicsr.archs import build_network
 from basicsr.data import build_dataset
 from basicsr.losses import build_loss
+from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger
+from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
 
 from baryir_plugin.compat import atomic_torch_save
 from baryir_plugin.losses import transport_cost
+
+from .validation_report import ValidationReport, metric_needs_reference
 
 LAMBDA_MODES = ('proportional', 'inverse', 'uniform')
 POTENTIAL_STEP_MODES = ('recompute', 'reuse')
@@ -278,6 +283,96 @@ class BaryIRModel(SRModel):
         losses['l_potential'] = l_pot.detach()
         losses['congruence'] = congruence.detach().pow(2).mean()
         return losses
+
+    # ------------------------------------------------------------------------------------------------
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        """BasicSR's validation plus a per-image report (``val`` options, read here):
+
+        report: write ``<set>.csv`` (one row per image) and ``<set>.json`` (means, the metric options that
+            produced them, unavailable metrics and why, seconds per image) to ``results/<name>/metrics/``
+            (test) or ``experiments/<name>/metrics/<set>_<iter>`` (training). Default: on in test, off in
+            training.
+        input_metrics: also score the degraded input (``input_<metric>`` columns: against the ground truth,
+            or on its own for no-reference metrics; the baseline a restoration must beat). Default false.
+        metrics: as BasicSR. A dataset entry may list ``metrics: [psnr, niqe]`` (names of val.metrics) to
+            compute only those on that set, e.g. no-reference metrics only where they are wanted. Full-reference metrics on a set without ground truth and metrics whose local
+            weight files are missing are reported as unavailable (never as a number); no-reference
+            metrics (calculate_niqe, calculate_piqe) need ``better: lower`` for the best-value tracking.
+        """
+        val_opt = self.opt['val']
+        dataset_name = dataloader.dataset.opt['name']
+        metric_opts = val_opt.get('metrics') or {}
+        only = dataloader.dataset.opt.get('metrics')
+        if only is not None:
+            unknown = [m for m in only if m not in metric_opts]
+            if unknown:
+                raise ValueError(f'dataset {dataset_name}: metrics {unknown} are not defined under val.metrics '
+                                 f'({list(metric_opts)}); define them there or drop them from the dataset entry.')
+            metric_opts = {m: metric_opts[m] for m in only}
+        write_report = bool(val_opt.get('report', not self.opt['is_train']))
+        report = ValidationReport(dataset_name, metric_opts, with_input=bool(val_opt.get('input_metrics', False)))
+        logger = get_root_logger()
+        if metric_opts:
+            self._initialize_best_metric_results(dataset_name)
+        for val_data in dataloader:
+            img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
+            self.feed_data(val_data)
+            start = time.perf_counter()
+            self.test()
+            seconds = time.perf_counter() - start
+            visuals = self.get_current_visuals()
+            restored = tensor2img([visuals['result']])
+            gt = tensor2img([visuals['gt']]) if 'gt' in visuals else None
+            lq = tensor2img([visuals['lq']]) if report.with_input else None
+            for attr in ('lq', 'gt', 'output'):
+                if hasattr(self, attr):
+                    delattr(self, attr)
+            if save_img:
+                imwrite(restored, self._visualization_path(dataset_name, img_name, current_iter))
+            values, input_values = {}, {}
+            for name, opt_ in metric_opts.items():
+                if not report.available(name):
+                    continue
+                if gt is None and metric_needs_reference(opt_):
+                    report.mark_unavailable(name, f'{opt_.get("type")} needs ground truth; {dataset_name} has none')
+                    continue
+                data = {'img': restored} if gt is None else {'img': restored, 'img2': gt}
+                try:
+                    values[name] = float(calculate_metric(data, opt_))
+                except FileNotFoundError as e:  # e.g. LPIPS without its local weight files
+                    report.mark_unavailable(name, str(e))
+                    logger.warning(f'Validation {dataset_name}: metric {name} unavailable: {e}')
+                    continue
+                if lq is not None:  # the degraded input scored the same way (no-reference metrics: on its own)
+                    data['img'] = lq
+                    input_values[name] = float(calculate_metric(data, opt_))
+            report.add(img_name, values, input_values, seconds)
+
+        self.metric_results = report.means()
+        for name, value in self.metric_results.items():
+            self._update_best_metric_result(dataset_name, name, value, current_iter)
+        if metric_opts:
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+        if report.with_input and report.rows:
+            logger.info(f'Inputs of {dataset_name}: ' +
+                        ', '.join(f'{k}: {v:.4f}' for k, v in report.means('input_').items()))
+        for name, reason in report.unavailable.items():
+            logger.info(f'Validation {dataset_name}: {name} not reported ({reason}).')
+        if write_report:
+            if self.opt['is_train']:
+                folder, stem = osp.join(self.opt['path']['experiments_root'], 'metrics'), f'{dataset_name}_{current_iter}'
+            else:
+                folder, stem = osp.join(self.opt['path']['results_root'], 'metrics'), dataset_name
+            extra = {'model': self.opt['name'], 'iteration': current_iter,
+                     'network_g': self.opt['path'].get('pretrain_network_g')}
+            csv_path, json_path = report.write(folder, stem, **extra)
+            logger.info(f'Validation {dataset_name}: per-image metrics in {csv_path}, summary in {json_path}')
+
+    def _visualization_path(self, dataset_name: str, img_name: str, current_iter) -> str:
+        if self.opt['is_train']:
+            return osp.join(self.opt['path']['visualization'], img_name, f'{img_name}_{current_iter}.png')
+        suffix = self.opt['val'].get('suffix') or self.opt['name']
+        return osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
 
     # ------------------------------------------------------------------------------------------------
     def save(self, epoch: int, current_iter: int) -> None:

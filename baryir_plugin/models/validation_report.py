@@ -1,0 +1,124 @@
+"""Per-image metrics of one validation/test set: a CSV row per image and a summary JSON per set.
+
+BasicSR's validation keeps only the mean of each metric. A benchmark table needs more: every image's
+value (to find failures, to run significance tests), which metric options produced the numbers
+(RGB or Y channel, crop_border), the degraded input's own scores (what a restoration must beat), and an
+honest record of what could not be computed (a full-reference metric on a set without ground truth, a
+metric whose weight files were not given) instead of a silent zero.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+
+# Metrics that score an image on its own (BasicSR passes the ground truth as img2 when it exists).
+NO_REFERENCE_METRICS = frozenset({'calculate_niqe', 'calculate_piqe'})
+
+
+def metric_needs_reference(metric_opt: dict) -> bool:
+    return metric_opt.get('type') not in NO_REFERENCE_METRICS
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Write through a temporary file and a rename, so a crash never leaves a half-written report."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w', newline='') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class ValidationReport:
+    """Collects per-image metric values of one dataset and writes ``<stem>.csv`` and ``<stem>.json``.
+
+    Args:
+        dataset_name: the set's ``name`` option.
+        metric_opts: the ``val.metrics`` mapping of the YAML (name -> options with ``type``).
+        with_input: also score the degraded input (columns ``input_<metric>``).
+    """
+
+    def __init__(self, dataset_name: str, metric_opts: dict, with_input: bool = False) -> None:
+        self.dataset_name = dataset_name
+        self.metric_opts = {name: dict(o) for name, o in (metric_opts or {}).items()}
+        self.with_input = with_input
+        self.rows: list[dict[str, Any]] = []
+        self.unavailable: dict[str, str] = {}
+        self.seconds: list[float] = []
+
+    def available(self, name: str) -> bool:
+        return name not in self.unavailable
+
+    def mark_unavailable(self, name: str, reason: str) -> None:
+        self.unavailable.setdefault(name, reason)
+
+    def add(self, image: str, values: dict[str, float], input_values: Optional[dict[str, float]] = None,
+            seconds: Optional[float] = None) -> None:
+        row: dict[str, Any] = {'image': image}
+        row.update({k: float(v) for k, v in values.items()})
+        if input_values:
+            row.update({f'input_{k}': float(v) for k, v in input_values.items()})
+        self.rows.append(row)
+        if seconds is not None:
+            self.seconds.append(float(seconds))
+
+    def means(self, prefix: str = '') -> dict[str, float]:
+        """Mean of each available metric over the images (``prefix='input_'`` for the inputs' scores)."""
+        out = {}
+        for name in self.metric_opts:
+            if not self.available(name):
+                continue
+            vals = [r[prefix + name] for r in self.rows if prefix + name in r]
+            if vals:
+                out[name] = float(np.mean(vals))
+        return out
+
+    def summary(self, **extra: Any) -> dict:
+        metrics = {}
+        for name, opt in self.metric_opts.items():
+            entry = {k: v for k, v in opt.items()}
+            if self.available(name):
+                entry['mean'] = self.means().get(name)
+                if self.with_input:
+                    entry['input_mean'] = self.means('input_').get(name)
+            else:
+                entry['unavailable'] = self.unavailable[name]
+            metrics[name] = entry
+        out = {'dataset': self.dataset_name, 'images': len(self.rows), 'metrics': metrics}
+        if self.seconds:
+            out['seconds_per_image'] = float(np.mean(self.seconds))
+        out.update(extra)
+        return out
+
+    def csv_text(self) -> str:
+        columns = ['image'] + [n for n in self.metric_opts if self.available(n)]
+        if self.with_input:
+            columns += [f'input_{n}' for n in self.metric_opts if self.available(n)]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction='ignore', lineterminator='\n')
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: (f'{v:.6f}' if isinstance(v, float) and math.isfinite(v) else v)
+                             for k, v in row.items()})
+        return buf.getvalue()
+
+    def write(self, folder: str, stem: Optional[str] = None, **extra: Any) -> tuple[str, str]:
+        """Write ``folder/<stem>.csv`` and ``folder/<stem>.json`` (stem defaults to the set's name)."""
+        stem = stem or self.dataset_name.replace(os.sep, '_')
+        csv_path = os.path.join(folder, f'{stem}.csv')
+        json_path = os.path.join(folder, f'{stem}.json')
+        _atomic_write(csv_path, self.csv_text())
+        _atomic_write(json_path, json.dumps(self.summary(**extra), indent=2, sort_keys=False) + '\n')
+        return csv_path, json_path

@@ -1,0 +1,182 @@
+"""Evaluation through `basicsr test`: per-image CSV and summary JSON, metrics equal to BasicSR's own
+functions on real images (RGB and Y), the inputs' scores, no-reference sets, and the ``${data_root}``
+placeholder of option files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from basicsr.metrics import calculate_psnr, calculate_ssim
+
+from baryir_plugin.archs import BaryIR
+from baryir_plugin.cli import resolve_data_root
+
+from .conftest import bin_path, run, shared_path
+
+ONE_THREAD = {'OMP_NUM_THREADS': '1'}
+TINY_NET = {'type': 'BaryIR', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
+            'heads': [1, 2, 4, 8], 'num_bary_blocks': 1}
+FULL_REFERENCE = {
+    'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False},
+    'ssim': {'type': 'calculate_ssim', 'crop_border': 0, 'test_y_channel': False},
+    'psnr_y': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True},
+    'ssim_y': {'type': 'calculate_ssim', 'crop_border': 4, 'test_y_channel': True},
+}
+
+
+def _link_subset(src: Path, dst: Path, names: list[str]) -> Path:
+    dst.mkdir(parents=True)
+    for n in names:
+        os.symlink(src / n, dst / n)
+    return dst
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    net = BaryIR(**{k: v for k, v in TINY_NET.items() if k != 'type'})
+    torch.save({'params': net.state_dict()}, path)
+    return path
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def evaluated(tmp_path_factory):
+    """`basicsr test` of a tiny random BaryIR on 3 Rain100L pairs, 2 CBSD68 images (sigma 25) and 2 RNI15."""
+    data = shared_path('data')
+    work = tmp_path_factory.mktemp('eval')
+    rain = sorted(os.listdir(data / 'Rain100L' / 'input'))[:3]
+    _link_subset(data / 'Rain100L' / 'input', work / 'd' / 'rain' / 'lq', rain)
+    _link_subset(data / 'Rain100L' / 'target', work / 'd' / 'rain' / 'gt', rain)
+    _link_subset(data / 'CBSD68', work / 'd' / 'bsd', sorted(os.listdir(data / 'CBSD68'))[:2])
+    _link_subset(data / 'RNI15', work / 'd' / 'rni', ['Bears.png', 'Dog.png'])
+    opt = {
+        'name': 'eval_tiny', 'model_type': 'BaryIRModel', 'scale': 1, 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {
+            'test_1': {'name': 'rain3', 'type': 'PairedImageDataset', 'dataroot_lq': '${data_root}/rain/lq',
+                       'dataroot_gt': '${data_root}/rain/gt', 'filename_tmpl': '{}', 'io_backend': {'type': 'disk'},
+                       'metrics': [*FULL_REFERENCE, 'lpips']},
+            'test_2': {'name': 'bsd2_sigma25', 'type': 'GaussianNoiseDataset', 'dataroot_gt': '${data_root}/bsd',
+                       'sigmas': [25], 'noise_seed': 0, 'io_backend': {'type': 'disk'}, 'metrics': ['psnr']},
+            'test_3': {'name': 'rni2', 'type': 'SingleImageDataset', 'dataroot_lq': '${data_root}/rni',
+                       'io_backend': {'type': 'disk'}},
+        },
+        'network_g': TINY_NET,
+        'path': {'pretrain_network_g': str(_tiny_checkpoint(work / 'net_g.pth')), 'strict_load_g': True},
+        'val': {'save_img': True, 'input_metrics': True,
+                'metrics': {**FULL_REFERENCE,
+                            'lpips': {'type': 'calculate_lpips', 'better': 'lower'},  # no local weights given
+                            'niqe': {'type': 'calculate_niqe', 'crop_border': 0, 'better': 'lower'},
+                            'piqe': {'type': 'calculate_piqe', 'crop_border': 0, 'better': 'lower'}}},
+    }
+    (work / 'eval.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
+    proc = run([bin_path('basicsr'), 'test', '-opt', 'eval.yml', '--data-root', 'd'], cwd=work, env=ONE_THREAD)
+    return work, work / 'results' / 'eval_tiny', proc
+
+
+def test_per_image_csv_matches_basicsr_metrics_on_real_images(evaluated):
+    work, results, _ = evaluated
+    rows = _read_csv(results / 'metrics' / 'rain3.csv')
+    assert sorted(r['image'] for r in rows) == [Path(n).stem for n in sorted(os.listdir(work / 'd' / 'rain' / 'lq'))]
+    for row in rows:
+        name = row['image']
+        restored = cv2.imread(str(results / 'visualization' / 'rain3' / f'{name}_eval_tiny.png'))
+        gt = cv2.imread(str(work / 'd' / 'rain' / 'gt' / f'{name}.png'))
+        lq = cv2.imread(str(work / 'd' / 'rain' / 'lq' / f'{name}.png'))
+        expected = {
+            'psnr': calculate_psnr(restored, gt, 0), 'ssim': calculate_ssim(restored, gt, 0),
+            'psnr_y': calculate_psnr(restored, gt, 4, test_y_channel=True),
+            'ssim_y': calculate_ssim(restored, gt, 4, test_y_channel=True),
+        }
+        for key, value in expected.items():
+            assert float(row[key]) == pytest.approx(value, abs=1e-5), (name, key)
+        # the Y-channel numbers are really different numbers, not a copy of the RGB ones
+        assert abs(float(row['psnr_y']) - float(row['psnr'])) > 1e-3
+        assert float(row['input_psnr']) == pytest.approx(calculate_psnr(lq, gt, 0), abs=1e-5)
+        assert float(row['input_ssim_y']) == pytest.approx(calculate_ssim(lq, gt, 4, test_y_channel=True), abs=1e-5)
+
+
+def test_summary_json_records_means_options_and_inputs(evaluated):
+    _, results, proc = evaluated
+    rows = _read_csv(results / 'metrics' / 'rain3.csv')
+    summary = json.loads((results / 'metrics' / 'rain3.json').read_text())
+    assert summary['dataset'] == 'rain3' and summary['images'] == 3
+    for key in FULL_REFERENCE:
+        entry = summary['metrics'][key]
+        assert entry['mean'] == pytest.approx(np.mean([float(r[key]) for r in rows]), abs=1e-5)
+        assert entry['input_mean'] == pytest.approx(np.mean([float(r['input_' + key]) for r in rows]), abs=1e-5)
+        assert entry['crop_border'] == FULL_REFERENCE[key]['crop_border']
+        assert entry['test_y_channel'] == FULL_REFERENCE[key]['test_y_channel']
+    assert 'niqe' not in summary['metrics']  # the set restricted its metrics
+    # LPIPS without its weight files: reported unavailable with the reason, never a number
+    assert 'lpips_weights' in summary['metrics']['lpips']['unavailable'] or \
+        'backbone_weights' in summary['metrics']['lpips']['unavailable']
+    assert 'mean' not in summary['metrics']['lpips'] and 'lpips' not in rows[0]
+    assert summary['seconds_per_image'] > 0
+    # the log carries the same means BasicSR-style
+    log = '\n'.join(p.read_text() for p in results.glob('test_*.log'))
+    assert f"# psnr: {summary['metrics']['psnr']['mean']:.4f}" in log
+
+
+def test_noise_set_is_fixed_and_no_reference_set_reports_unavailable(evaluated):
+    work, results, _ = evaluated
+    bsd = _read_csv(results / 'metrics' / 'bsd2_sigma25.csv')
+    assert sorted(r['image'] for r in bsd) == [Path(n).stem + '_sigma25' for n in sorted(os.listdir(work / 'd' / 'bsd'))]
+    # sigma 25 on the 0-255 scale: the noisy input is ~20 dB from its clean image
+    assert all(19.0 < float(r['input_psnr']) < 22.0 for r in bsd)
+    rni = json.loads((results / 'metrics' / 'rni2.json').read_text())
+    assert rni['images'] == 2
+    for key in ('niqe', 'piqe'):
+        assert np.isfinite(rni['metrics'][key]['mean']) and np.isfinite(rni['metrics'][key]['input_mean'])
+    for key in FULL_REFERENCE:
+        assert 'needs ground truth' in rni['metrics'][key]['unavailable']
+        assert 'mean' not in rni['metrics'][key]
+    rows = _read_csv(results / 'metrics' / 'rni2.csv')
+    assert set(rows[0]) == {'image', 'niqe', 'piqe', 'input_niqe', 'input_piqe'}  # real noisy inputs scored alone
+
+
+def test_data_root_placeholder(tmp_path, monkeypatch):
+    opt = tmp_path / 'x.yml'
+    opt.write_text('datasets:\n  test_1:\n    dataroot_gt: ${data_root}/CBSD68\n')
+    (tmp_path / 'root').mkdir()
+    with pytest.raises(ValueError, match='refusing to overwrite'):
+        resolve_data_root(str(opt), str(tmp_path / 'root'), str(tmp_path))
+    assert '${data_root}' in opt.read_text()
+    (tmp_path / 'out').mkdir()
+    resolved = resolve_data_root(str(opt), str(tmp_path / 'root'), str(tmp_path / 'out'))
+    assert resolved == str(tmp_path / 'out' / 'x.yml')
+    loaded = yaml.safe_load(Path(resolved).read_text())
+    assert loaded['datasets']['test_1']['dataroot_gt'] == (tmp_path / 'root').resolve().as_posix() + '/CBSD68'
+    monkeypatch.delenv('BARYIR_DATA_ROOT', raising=False)
+    with pytest.raises(SystemExit, match='--data-root'):
+        resolve_data_root(str(opt), None)
+    with pytest.raises(SystemExit, match='not a folder'):
+        resolve_data_root(str(opt), str(tmp_path / 'missing'))
+    monkeypatch.setenv('BARYIR_DATA_ROOT', str(tmp_path / 'root'))
+    assert Path(resolve_data_root(str(opt), None)).read_text().count('/CBSD68') == 1
+    plain = tmp_path / 'plain.yml'
+    plain.write_text('name: a\n')
+    assert resolve_data_root(str(plain), None) == str(plain)  # nothing to resolve: the file itself
+
+
+def test_unknown_metric_name_in_a_dataset_entry_is_named(tmp_path, evaluated):
+    work, _, _ = evaluated
+    opt = yaml.safe_load((work / 'eval.yml').read_text())
+    opt['name'] = 'eval_bad'
+    opt['datasets'] = {'test_1': {**opt['datasets']['test_1'], 'metrics': ['psnr', 'fid']}}
+    (work / 'bad.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
+    import subprocess
+    proc = subprocess.run([bin_path('basicsr'), 'test', '-opt', 'bad.yml', '--data-root', 'd'], cwd=work,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
+    assert proc.returncode != 0
+    assert "metrics ['fid'] are not defined under val.metrics" in proc.stderr
