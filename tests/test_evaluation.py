@@ -180,3 +180,22 @@ def test_unknown_metric_name_in_a_dataset_entry_is_named(tmp_path, evaluated):
                           capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
     assert proc.returncode != 0
     assert "metrics ['fid'] are not defined under val.metrics" in proc.stderr
+
+
+def test_channels_last_inference_gives_the_same_restoration(tmp_path):
+    from basicsr.models import build_model
+
+    ckpt = _tiny_checkpoint(tmp_path / 'net_g.pth')
+    x = torch.rand(1, 3, 45, 61)
+    outputs = []
+    for channels_last in (False, True):
+        opt = {'name': 'cl', 'model_type': 'BaryIRModel', 'is_train': False, 'dist': False, 'num_gpu': 0,
+               'scale': 1, 'network_g': dict(TINY_NET), 'path': {'pretrain_network_g': str(ckpt), 'strict_load_g': True},
+               'val': {'channels_last': channels_last}}
+        model = build_model(opt)
+        model.feed_data({'lq': x})
+        assert model.lq.is_contiguous(memory_format=torch.channels_last) == channels_last
+        model.test()
+        outputs.append(model.output)
+    assert outputs[1].shape == x.shape
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)

@@ -6,13 +6,13 @@ import os
 import cv2
 import numpy as np
 from basicsr.data.transforms import augment, paired_random_crop
-from basicsr.utils import FileClient, img2tensor
+from basicsr.utils import img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
 from .layout import list_images, lmdb_keys
-from .stem_matched_dataset import read_image
+from .stem_matched_dataset import open_file_client, read_image
 
 
 def jpeg_compress(img: np.ndarray, quality: int) -> np.ndarray:
@@ -80,9 +80,7 @@ class JPEGCompressionDataset(data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        if self.file_client is None:
-            opt = dict(self.io_backend_opt)
-            self.file_client = FileClient(opt.pop('type'), **opt)
+        self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         gt_path = self.paths[index]
         clean = read_image(self.file_client, gt_path, 'gt')
         if self.opt.get('phase') == 'train':

@@ -7,11 +7,12 @@ import numpy as np
 import torch
 from basicsr.data.data_util import paths_from_folder, paths_from_lmdb
 from basicsr.data.transforms import augment, paired_random_crop
-from basicsr.utils import FileClient, imfrombytes, img2tensor
+from basicsr.utils import imfrombytes, img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
 from .degradations import gaussian_noise
+from .stem_matched_dataset import open_file_client
 
 
 @DATASET_REGISTRY.register()
@@ -66,9 +67,7 @@ class GaussianNoiseDataset(data.Dataset):
         return len(self.paths) * len(self.sigmas)
 
     def __getitem__(self, index: int) -> dict:
-        if self.file_client is None:
-            opt = dict(self.io_backend_opt)
-            self.file_client = FileClient(opt.pop('type'), **opt)
+        self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         label, image_index = divmod(index, len(self.paths))
         sigma = self.sigmas[label]
         gt_path = self.paths[image_index]

@@ -14,6 +14,12 @@ from torchvision.transforms.functional import normalize
 from .layout import compile_rule, gt_stem, list_images, lmdb_keys, stem
 
 
+def open_file_client(io_backend_opt: dict) -> FileClient:
+    """A BasicSR FileClient from ``io_backend`` options; datasets open it lazily, in each loader worker."""
+    opt = dict(io_backend_opt)
+    return FileClient(opt.pop('type'), **opt)
+
+
 def read_image(file_client: FileClient, path: str, client_key: str) -> np.ndarray:
     """uint8 BGR (H, W, 3) image from a BasicSR FileClient; grey images are expanded to 3 channels.
 
@@ -136,9 +142,7 @@ class StemMatchedPairedDataset(data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        if self.file_client is None:
-            opt = dict(self.io_backend_opt)
-            self.file_client = FileClient(opt.pop('type'), **opt)
+        self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         lq_path, gt_path = self.paths[index]['lq_path'], self.paths[index]['gt_path']
         img_lq = read_image(self.file_client, lq_path, 'lq')
         img_gt = read_image(self.file_client, gt_path, 'gt')

@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Small-budget ablation: the same small BaryIR trained with and without the barycenter map, evaluated on
+real benchmark images in and out of distribution.
+
+Arm "with T": BaryIRModel (barycenter map, K potentials, MWB + IRC + BRO, the demo's recipe).
+Arm "without T": the same network with ``embedding_mode: original`` (no barycenter map, the decoder sees
+the encoder latent) trained by BasicSR's stock SRModel on the L1 loss alone. Both arms share the data
+(the demo's synthetic all-in-one set built from scikit-image photos, the sources chosen with --sources),
+the seed, the optimizer, the schedule and the number of iterations. Both are then evaluated with
+options/test_baryir_shared_data.yml on a folder of real benchmark images (--data-root): Rain100L and
+CBSD68 sigma 15/25/50 (the papers' in-distribution sets), Rain100H, CBSD68 sigma 60/75, Kodak24,
+McMaster and RNI15 (out of distribution; RNI15 has no ground truth: NIQE/PIQE only).
+
+A few minutes of CPU training is far from the papers' budget: the table says what this tiny setting
+shows (does T help or hurt at equal cost), not what the full model reaches.
+
+    python scripts/study_barycenter_map.py --data-root ../data --iters 1000
+    python scripts/study_barycenter_map.py --data-root ../data --iters 50 --out /tmp/study   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_TEMPLATE = REPO / 'options' / 'train_baryir_demo.yml'
+TEST_TEMPLATE = REPO / 'options' / 'test_baryir_shared_data.yml'
+SOURCES = ('noise', 'rain', 'haze', 'blur', 'lowlight')
+IN_DISTRIBUTION = ('Rain100L', 'CBSD68_sigma15', 'CBSD68_sigma25', 'CBSD68_sigma50')
+
+
+def _console(name: str) -> str:
+    path = Path(sys.executable).with_name(name)
+    if not path.exists():
+        raise SystemExit(f'{name!r} is not installed beside {sys.executable}; run `pip install -e .` first.')
+    return str(path)
+
+
+def _run(cmd: list[str], cwd: Path, log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, 'w') as f:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f'{" ".join(cmd)} failed (exit {proc.returncode}); log {log}:\n{tail}')
+    return time.perf_counter() - start
+
+
+def train_options(name: str, with_t: bool, sources: list[str], iters: int, data_dir: str, dim: int) -> dict:
+    """The demo recipe restricted to ``sources``; without T: SRModel and ``embedding_mode: original``."""
+    opt = yaml.safe_load(TRAIN_TEMPLATE.read_text())
+    opt['name'] = name
+    train = opt['datasets']['train']
+    kept = [s for s in train['sources'] if s['name'] in sources]
+    if [s['name'] for s in kept] != list(sources):
+        raise SystemExit(f'--sources must be taken from {SOURCES}, in that order; got {sources}.')
+    for s in kept:
+        for key in ('dataroot_gt', 'dataroot_lq'):
+            if key in s:
+                s[key] = s[key].replace('datasets/demo', data_dir, 1)
+    train['sources'] = kept
+    opt['datasets'] = {'train': train}  # evaluation happens afterwards on the real sets
+    opt.pop('val', None)
+    opt['network_g']['dim'] = dim
+    opt['train']['total_iter'] = iters
+    opt['train']['scheduler']['periods'] = [iters]
+    opt['logger']['save_checkpoint_freq'] = iters
+    if with_t:
+        opt['network_potential']['num_potentials'] = len(kept)
+        opt['network_potential']['in_channels'] = 8 * dim
+    else:
+        opt['model_type'] = 'SRModel'
+        opt['network_g']['embedding_mode'] = 'original'
+        opt.pop('network_potential')
+        for key in ('optim_potential', 'mwb_opt', 'potential_opt', 'irc_opt', 'bro_opt', 'barycenter_weight', 'gamma',
+                    'lambda_mode', 'potential_iters', 'potential_step', 'gather_embeddings'):
+            opt['train'].pop(key, None)
+    return opt
+
+
+def test_options(name: str, train_opt: dict, checkpoint: str, sets: list[str] | None = None) -> dict:
+    """options/test_baryir_shared_data.yml with the trained network (and only ``sets``, if given)."""
+    opt = yaml.safe_load(TEST_TEMPLATE.read_text())
+    opt['name'] = name
+    if sets:
+        known = [d['name'] for d in opt['datasets'].values()]
+        unknown = sorted(set(sets) - set(known))
+        if unknown:
+            raise SystemExit(f'--sets: unknown {unknown}; choose from {known}.')
+        opt['datasets'] = {k: d for k, d in opt['datasets'].items() if d['name'] in sets}
+    opt['network_g'] = copy.deepcopy(train_opt['network_g'])
+    opt['path']['pretrain_network_g'] = checkpoint
+    return opt
+
+
+def load_summaries(results: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((results / 'metrics').glob('*.json'))}
+
+
+def table(arms: dict[str, dict[str, dict]]) -> str:
+    """Markdown table: per set, the input's score and each arm's (PSNR/SSIM; NIQE/PIQE where no GT)."""
+    names = list(arms)
+    first = arms[names[0]]
+    lines = ['| set | split | metric | input | ' + ' | '.join(names) + ' |',
+             '|---|---|---|---|' + '---|' * len(names)]
+    for dataset, summary in first.items():
+        split = 'in' if dataset in IN_DISTRIBUTION else 'out'
+        for metric, entry in summary['metrics'].items():
+            if 'mean' not in entry or metric.endswith('_y'):
+                continue
+            cells = [f'{arms[a][dataset]["metrics"][metric]["mean"]:.3f}' if metric.startswith('ssim') else
+                     f'{arms[a][dataset]["metrics"][metric]["mean"]:.2f}' for a in names]
+            inp = entry.get('input_mean')
+            inp_s = '' if inp is None else (f'{inp:.3f}' if metric.startswith('ssim') else f'{inp:.2f}')
+            better = 'lower' if entry.get('better') == 'lower' else 'higher'
+            lines.append(f'| {dataset} | {split} | {metric} ({better} better) | {inp_s} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--data-root', required=True, help='folder with CBSD68, Kodak24, McMaster, RNI15, Rain100L, '
+                        'Rain100H (see docs/evaluation.md)')
+    parser.add_argument('--iters', type=int, default=1000, help='training iterations of each arm (default 1000)')
+    parser.add_argument('--dim', type=int, default=8, help='BaryIR width (default 8, the demo network)')
+    parser.add_argument('--sources', nargs='+', default=['noise', 'rain', 'haze'],
+                        help='training sources of the demo set (default: the 3-degradation setting noise rain haze)')
+    parser.add_argument('--demo-data', default='datasets/demo', help='demo data folder (built if missing)')
+    parser.add_argument('--sets', nargs='+', default=None,
+                        help='evaluate only these sets of options/test_baryir_shared_data.yml (default: all)')
+    parser.add_argument('--out', default='.', help='working folder: experiments/ and results/ go here')
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data_root).resolve()
+    if not data_root.is_dir():
+        raise SystemExit(f'--data-root {args.data_root!r} is not a folder.')
+    demo = Path(args.demo_data)
+    demo = demo if demo.is_absolute() else (Path.cwd() / demo)
+    if not (demo / 'train').is_dir():
+        print(f'[study] building the demo data in {demo}')
+        subprocess.run([sys.executable, str(REPO / 'scripts' / 'make_demo_data.py'), '--out', str(demo)], check=True)
+    basicsr = _console('basicsr')
+    opts_dir = out / 'study_options'
+    opts_dir.mkdir(exist_ok=True)
+
+    arms = {'with T': ('study_with_T', True), 'without T': ('study_without_T', False)}
+    summaries, timing = {}, {}
+    for label, (name, with_t) in arms.items():
+        topt = train_options(name, with_t, args.sources, args.iters, str(demo), args.dim)
+        tpath = opts_dir / f'train_{name}.yml'
+        tpath.write_text(yaml.safe_dump(topt, sort_keys=False))
+        print(f'[study] training {label}: {args.iters} iterations ({tpath})', flush=True)
+        timing[label] = {'train_s': _run([basicsr, 'train', '-opt', str(tpath)], out, opts_dir / f'{name}_train.out')}
+        ckpt = out / 'experiments' / name / 'models' / 'net_g_latest.pth'
+        eopt = test_options(f'{name}_eval', topt, str(ckpt), args.sets)
+        epath = opts_dir / f'test_{name}.yml'
+        epath.write_text(yaml.safe_dump(eopt, sort_keys=False))
+        print(f'[study] evaluating {label} on {data_root}', flush=True)
+        timing[label]['eval_s'] = _run([basicsr, 'test', '-opt', str(epath), '--data-root', str(data_root)], out,
+                                       opts_dir / f'{name}_test.out')
+        summaries[label] = load_summaries(out / 'results' / f'{name}_eval')
+
+    import torch  # noqa: E402  (only for the machine line)
+    machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, '
+               f'threads {torch.get_num_threads()}')
+    text = (f'BaryIR dim {args.dim}, sources {args.sources}, {args.iters} iterations per arm, machine: {machine}\n'
+            + ''.join(f'{k}: train {v["train_s"]:.0f} s, eval {v["eval_s"]:.0f} s\n' for k, v in timing.items())
+            + '\n' + table(summaries) + '\n')
+    print(text)
+    (out / 'study_barycenter_map.md').write_text(text)
+    (out / 'study_barycenter_map.json').write_text(json.dumps({'args': vars(args), 'timing': timing,
+                                                               'summaries': summaries}, indent=2))
+    print(f'[study] wrote {out / "study_barycenter_map.md"} and .json')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
