@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -107,12 +105,16 @@ def load_summaries(results: Path) -> dict[str, dict]:
 
 
 def table(arms: dict[str, dict[str, dict]]) -> str:
-    """Markdown table: per set, the input's score and each arm's (PSNR/SSIM; NIQE/PIQE where no GT)."""
+    """Markdown table: per set, the input's score and each arm's (PSNR/SSIM; NIQE/PIQE where no GT).
+    In-distribution sets first, each group in the order of options/test_baryir_shared_data.yml."""
     names = list(arms)
     first = arms[names[0]]
+    order = [d['name'] for d in yaml.safe_load(TEST_TEMPLATE.read_text())['datasets'].values()]
+    rank = {name: (name not in IN_DISTRIBUTION, order.index(name) if name in order else len(order)) for name in first}
     lines = ['| set | split | metric | input | ' + ' | '.join(names) + ' |',
              '|---|---|---|---|' + '---|' * len(names)]
-    for dataset, summary in first.items():
+    for dataset in sorted(first, key=rank.get):
+        summary = first[dataset]
         split = 'in' if dataset in IN_DISTRIBUTION else 'out'
         for metric, entry in summary['metrics'].items():
             if 'mean' not in entry or metric.endswith('_y'):
@@ -171,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                                        opts_dir / f'{name}_test.out')
         summaries[label] = load_summaries(out / 'results' / f'{name}_eval')
 
-    import torch  # noqa: E402  (only for the machine line)
-    machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, '
-               f'threads {torch.get_num_threads()}')
+    sys.path.insert(0, str(REPO / 'scripts'))
+    from bench_train_step import _machine  # the benchmarks' machine line
+    machine = _machine('cpu')
     text = (f'BaryIR dim {args.dim}, sources {args.sources}, {args.iters} iterations per arm, machine: {machine}\n'
             + ''.join(f'{k}: train {v["train_s"]:.0f} s, eval {v["eval_s"]:.0f} s\n' for k, v in timing.items())
             + '\n' + table(summaries) + '\n')

@@ -104,7 +104,7 @@ class BaryIRModel(SRModel):
 
     def __init__(self, opt: dict) -> None:
         super().__init__(opt)
-        # Inference only: channels-last convolutions run ~2x faster on CPU (oneDNN) for this network.
+        # Inference only: channels-last convolutions run 1.5-1.8x faster on CPU (oneDNN) for this network.
         self.channels_last = not self.is_train and bool((opt.get('val') or {}).get('channels_last', False))
         if self.channels_last:
             self.net_g.to(memory_format=torch.channels_last)
@@ -301,8 +301,8 @@ class BaryIRModel(SRModel):
             produced them, unavailable metrics and why, seconds per image) to ``results/<name>/metrics/``
             (test) or ``experiments/<name>/metrics/<set>_<iter>`` (training). Default: on in test, off in
             training.
-        channels_last: (test mode) run the network in channels-last memory format, about twice as fast on a
-            CPU for the same output (to 1e-5). Default false.
+        channels_last: (test mode) run the network in channels-last memory format, 1.5-1.8x faster on a
+            CPU for the same output (to 1e-5; scripts/bench_inference.py). Default false.
         input_metrics: also score the degraded input (``input_<metric>`` columns: against the ground truth,
             or on its own for no-reference metrics; the baseline a restoration must beat). Default false.
         metrics: as BasicSR. A dataset entry may list ``metrics: [psnr, niqe]`` (names of val.metrics) to
