@@ -15,7 +15,7 @@ A few minutes of CPU training is far from the papers' budget: the table says wha
 shows (does T help or hurt at equal cost), not what the full model reaches.
 
     python scripts/study_barycenter_map.py --data-root ../data --iters 1000
-    python scripts/study_barycenter_map.py --data-root ../data --iters 50 --out /tmp/study   # smoke run
+    python scripts/study_barycenter_map.py --data-root ../data --iters 50 --out study_smoke   # smoke run
 """
 from __future__ import annotations
 
