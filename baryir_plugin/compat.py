@@ -300,13 +300,15 @@ def _patch_optimizers() -> None:
 
 # --------------------------------------------------------------------------------------------------
 # 8. atomic checkpoint writes
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+def atomic_write(path: str, write) -> None:
+    """Call ``write(binary_file)`` on a temporary file in the same folder, then rename it over ``path``:
+    a crash or an error leaves the previous file (or none), never a truncated one."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -314,6 +316,11 @@ def atomic_torch_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class _TorchWithAtomicSave(types.ModuleType):

@@ -13,10 +13,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
+
+from baryir_plugin.compat import atomic_write
 
 # Metrics that score an image on its own (BasicSR passes the ground truth as img2 when it exists).
 NO_REFERENCE_METRICS = frozenset({'calculate_niqe', 'calculate_piqe'})
@@ -24,21 +25,6 @@ NO_REFERENCE_METRICS = frozenset({'calculate_niqe', 'calculate_piqe'})
 
 def metric_needs_reference(metric_opt: dict) -> bool:
     return metric_opt.get('type') not in NO_REFERENCE_METRICS
-
-
-def _atomic_write(path: str, text: str) -> None:
-    """Write through a temporary file and a rename, so a crash never leaves a half-written report."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', newline='') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class ValidationReport:
@@ -119,6 +105,7 @@ class ValidationReport:
         stem = stem or self.dataset_name.replace(os.sep, '_')
         csv_path = os.path.join(folder, f'{stem}.csv')
         json_path = os.path.join(folder, f'{stem}.json')
-        _atomic_write(csv_path, self.csv_text())
-        _atomic_write(json_path, json.dumps(self.summary(**extra), indent=2, sort_keys=False) + '\n')
+        atomic_write(csv_path, lambda f: f.write(self.csv_text().encode('utf-8')))
+        summary = json.dumps(self.summary(**extra), indent=2) + '\n'
+        atomic_write(json_path, lambda f: f.write(summary.encode('utf-8')))
         return csv_path, json_path
