@@ -180,6 +180,7 @@ def test_unknown_metric_name_in_a_dataset_entry_is_named(tmp_path, evaluated):
                           capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
     assert proc.returncode != 0
     assert "metrics ['fid'] are not defined under val.metrics" in proc.stderr
+    assert not (work / 'results' / 'eval_bad' / 'metrics').exists()  # refused before any set was evaluated
 
 
 def test_channels_last_inference_gives_the_same_restoration(tmp_path):

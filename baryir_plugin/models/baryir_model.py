@@ -108,6 +108,21 @@ class BaryIRModel(SRModel):
         self.channels_last = not self.is_train and bool((opt.get('val') or {}).get('channels_last', False))
         if self.channels_last:
             self.net_g.to(memory_format=torch.channels_last)
+        metric_names = list((opt.get('val') or {}).get('metrics') or {})
+        for entry in (opt.get('datasets') or {}).values():  # checked here, not hours later at that set's turn
+            self._dataset_metrics(entry, metric_names)
+
+    @staticmethod
+    def _dataset_metrics(dataset_opt: dict, metric_names: Sequence[str]) -> list[str]:
+        """The val.metrics names a dataset entry asks for (its ``metrics`` list; default all of them)."""
+        only = dataset_opt.get('metrics')
+        if only is None:
+            return list(metric_names)
+        unknown = [m for m in only if m not in metric_names]
+        if unknown:
+            raise ValueError(f'dataset {dataset_opt.get("name")}: metrics {unknown} are not defined under val.metrics '
+                             f'({list(metric_names)}); define them there or drop them from the dataset entry.')
+        return list(only)
 
     def init_training_settings(self) -> None:
         train_opt = self.opt['train']
@@ -305,21 +320,17 @@ class BaryIRModel(SRModel):
             CPU for the same output (to 1e-5; scripts/bench_inference.py). Default false.
         input_metrics: also score the degraded input (``input_<metric>`` columns: against the ground truth,
             or on its own for no-reference metrics; the baseline a restoration must beat). Default false.
-        metrics: as BasicSR. A dataset entry may list ``metrics: [psnr, niqe]`` (names of val.metrics) to
-            compute only those on that set, e.g. no-reference metrics only where they are wanted. Full-reference metrics on a set without ground truth and metrics whose local
-            weight files are missing are reported as unavailable (never as a number); no-reference
-            metrics (calculate_niqe, calculate_piqe) need ``better: lower`` for the best-value tracking.
+        metrics: as BasicSR. A dataset entry may list ``metrics: [psnr, niqe]`` (names of val.metrics,
+            checked when the model is built) to compute only those on that set, e.g. no-reference metrics
+            only where they are wanted. Full-reference metrics on a set without ground truth and metrics
+            whose local weight files are missing are reported as unavailable (never as a number);
+            no-reference metrics (calculate_niqe, calculate_piqe) need ``better: lower`` for the
+            best-value tracking.
         """
         val_opt = self.opt['val']
         dataset_name = dataloader.dataset.opt['name']
-        metric_opts = val_opt.get('metrics') or {}
-        only = dataloader.dataset.opt.get('metrics')
-        if only is not None:
-            unknown = [m for m in only if m not in metric_opts]
-            if unknown:
-                raise ValueError(f'dataset {dataset_name}: metrics {unknown} are not defined under val.metrics '
-                                 f'({list(metric_opts)}); define them there or drop them from the dataset entry.')
-            metric_opts = {m: metric_opts[m] for m in only}
+        all_metrics = val_opt.get('metrics') or {}
+        metric_opts = {m: all_metrics[m] for m in self._dataset_metrics(dataloader.dataset.opt, list(all_metrics))}
         write_report = bool(val_opt.get('report', not self.opt['is_train']))
         report = ValidationReport(dataset_name, metric_opts, with_input=bool(val_opt.get('input_metrics', False)))
         logger = get_root_logger()
@@ -371,7 +382,8 @@ class BaryIRModel(SRModel):
             logger.info(f'Validation {dataset_name}: {name} not reported ({reason}).')
         if write_report:
             if self.opt['is_train']:
-                folder, stem = osp.join(self.opt['path']['experiments_root'], 'metrics'), f'{dataset_name}_{current_iter}'
+                folder = osp.join(self.opt['path']['experiments_root'], 'metrics')
+                stem = f'{dataset_name}_{current_iter}'
             else:
                 folder, stem = osp.join(self.opt['path']['results_root'], 'metrics'), dataset_name
             extra = {'model': self.opt['name'], 'iteration': current_iter,

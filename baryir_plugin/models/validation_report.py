@@ -73,12 +73,14 @@ class ValidationReport:
 
     def summary(self, **extra: Any) -> dict:
         metrics = {}
+        means = self.means()
+        input_means = self.means('input_') if self.with_input else {}
         for name, opt in self.metric_opts.items():
-            entry = {k: v for k, v in opt.items()}
+            entry = dict(opt)
             if self.available(name):
-                entry['mean'] = self.means().get(name)
+                entry['mean'] = means.get(name)
                 if self.with_input:
-                    entry['input_mean'] = self.means('input_').get(name)
+                    entry['input_mean'] = input_means.get(name)
             else:
                 entry['unavailable'] = self.unavailable[name]
             metrics[name] = entry
