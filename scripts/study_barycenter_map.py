@@ -6,15 +6,18 @@ Arm "with T": BaryIRModel (barycenter map, K potentials, MWB + IRC + BRO, the de
 Arm "without T": the same network with ``embedding_mode: original`` (no barycenter map, the decoder sees
 the encoder latent) trained by BasicSR's stock SRModel on the L1 loss alone. Both arms share the data
 (the demo's synthetic all-in-one set built from scikit-image photos, the sources chosen with --sources),
-the seed, the optimizer, the schedule and the number of iterations. Both are then evaluated with
-options/test_baryir_shared_data.yml on a folder of real benchmark images (--data-root): Rain100L and
-CBSD68 sigma 15/25/50 (the papers' in-distribution sets), Rain100H, CBSD68 sigma 60/75, Kodak24,
-McMaster and RNI15 (out of distribution; RNI15 has no ground truth: NIQE/PIQE only).
+the seed, the optimizer, the schedule and the number of iterations. Both are then evaluated (--eval)
+either with options/test_baryir_shared_data.yml on a folder of real benchmark images (--data-root):
+Rain100L and CBSD68 sigma 15/25/50 (the papers' in-distribution sets), Rain100H, CBSD68 sigma 60/75,
+Kodak24, McMaster and RNI15 (out of distribution; RNI15 has no ground truth: NIQE/PIQE only); or with
+options/test_baryir_demo.yml on the demo's own validation sets, one per degradation (in distribution),
+which is the only choice that covers motion blur and low light.
 
 A few minutes of CPU training is far from the papers' budget: the table says what this tiny setting
 shows (does T help or hurt at equal cost), not what the full model reaches.
 
     python scripts/study_barycenter_map.py --data-root ../data --iters 1000
+    python scripts/study_barycenter_map.py --eval demo --sources noise rain haze blur lowlight --out study_5src
     python scripts/study_barycenter_map.py --data-root ../data --iters 50 --out study_smoke   # smoke run
 """
 from __future__ import annotations
@@ -31,9 +34,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TEMPLATE = REPO / 'options' / 'train_baryir_demo.yml'
-TEST_TEMPLATE = REPO / 'options' / 'test_baryir_shared_data.yml'
+TEST_TEMPLATES = {'shared': REPO / 'options' / 'test_baryir_shared_data.yml',
+                  'demo': REPO / 'options' / 'test_baryir_demo.yml'}
 SOURCES = ('noise', 'rain', 'haze', 'blur', 'lowlight')
-IN_DISTRIBUTION = ('Rain100L', 'CBSD68_sigma15', 'CBSD68_sigma25', 'CBSD68_sigma50')
+IN_DISTRIBUTION = ('Rain100L', 'CBSD68_sigma15', 'CBSD68_sigma25', 'CBSD68_sigma50',
+                   'demo_noise', 'demo_rain', 'demo_haze', 'demo_blur', 'demo_lowlight')
 
 
 def _console(name: str) -> str:
@@ -62,9 +67,7 @@ def train_options(name: str, with_t: bool, sources: list[str], iters: int, data_
     if [s['name'] for s in kept] != list(sources):
         raise SystemExit(f'--sources must be taken from {SOURCES}, in that order; got {sources}.')
     for s in kept:
-        for key in ('dataroot_gt', 'dataroot_lq'):
-            if key in s:
-                s[key] = s[key].replace('datasets/demo', data_dir, 1)
+        _point_at(s, data_dir)
     train['sources'] = kept
     opt['datasets'] = {'train': train}  # evaluation happens afterwards on the real sets
     opt.pop('val', None)
@@ -85,10 +88,23 @@ def train_options(name: str, with_t: bool, sources: list[str], iters: int, data_
     return opt
 
 
-def test_options(name: str, train_opt: dict, checkpoint: str, sets: list[str] | None = None) -> dict:
-    """options/test_baryir_shared_data.yml with the trained network (and only ``sets``, if given)."""
-    opt = yaml.safe_load(TEST_TEMPLATE.read_text())
+def _point_at(dataset: dict, data_dir: str) -> None:
+    """Rewrite a demo dataset entry's folders from the default datasets/demo to ``data_dir``."""
+    for key in ('dataroot_gt', 'dataroot_lq'):
+        if key in dataset:
+            dataset[key] = dataset[key].replace('datasets/demo', data_dir, 1)
+
+
+def test_options(name: str, train_opt: dict, checkpoint: str, sets: list[str] | None = None,
+                 evaluation: str = 'shared', data_dir: str = 'datasets/demo') -> dict:
+    """The --eval test file with the trained network (and only ``sets``, if given). The demo's file gets the
+    shared one's report settings (per-image CSV/JSON, the inputs' own scores) and ``data_dir``."""
+    opt = yaml.safe_load(TEST_TEMPLATES[evaluation].read_text())
     opt['name'] = name
+    if evaluation == 'demo':
+        for dataset in opt['datasets'].values():
+            _point_at(dataset, data_dir)
+        opt['val'] = {**opt['val'], 'save_img': False, 'report': True, 'input_metrics': True}
     if sets:
         known = [d['name'] for d in opt['datasets'].values()]
         unknown = sorted(set(sets) - set(known))
@@ -104,12 +120,12 @@ def load_summaries(results: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((results / 'metrics').glob('*.json'))}
 
 
-def table(arms: dict[str, dict[str, dict]]) -> str:
+def table(arms: dict[str, dict[str, dict]], evaluation: str = 'shared') -> str:
     """Markdown table: per set, the input's score and each arm's (PSNR/SSIM; NIQE/PIQE where no GT).
-    In-distribution sets first, each group in the order of options/test_baryir_shared_data.yml."""
+    In-distribution sets first, each group in the order of the --eval test file."""
     names = list(arms)
     first = arms[names[0]]
-    order = [d['name'] for d in yaml.safe_load(TEST_TEMPLATE.read_text())['datasets'].values()]
+    order = [d['name'] for d in yaml.safe_load(TEST_TEMPLATES[evaluation].read_text())['datasets'].values()]
     rank = {name: (name not in IN_DISTRIBUTION, order.index(name) if name in order else len(order)) for name in first}
     lines = ['| set | split | metric | input | ' + ' | '.join(names) + ' |',
              '|---|---|---|---|' + '---|' * len(names)]
@@ -130,23 +146,30 @@ def table(arms: dict[str, dict[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--data-root', required=True, help='folder with CBSD68, Kodak24, McMaster, RNI15, Rain100L, '
-                        'Rain100H (see docs/evaluation.md)')
+    parser.add_argument('--eval', choices=sorted(TEST_TEMPLATES), default='shared',
+                        help='shared: real benchmark images under --data-root (default); demo: the demo validation sets')
+    parser.add_argument('--data-root', help='with --eval shared: folder with CBSD68, Kodak24, McMaster, RNI15, '
+                        'Rain100L, Rain100H (see docs/evaluation.md)')
     parser.add_argument('--iters', type=int, default=1000, help='training iterations of each arm (default 1000)')
     parser.add_argument('--dim', type=int, default=8, help='BaryIR width (default 8, the demo network)')
     parser.add_argument('--sources', nargs='+', default=['noise', 'rain', 'haze'],
                         help='training sources of the demo set (default: the 3-degradation setting noise rain haze)')
     parser.add_argument('--demo-data', default='datasets/demo', help='demo data folder (built if missing)')
     parser.add_argument('--sets', nargs='+', default=None,
-                        help='evaluate only these sets of options/test_baryir_shared_data.yml (default: all)')
+                        help='evaluate only these sets of the --eval test file (default: all)')
     parser.add_argument('--out', default='.', help='working folder: experiments/ and results/ go here')
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data_root = Path(args.data_root).resolve()
-    if not data_root.is_dir():
-        raise SystemExit(f'--data-root {args.data_root!r} is not a folder.')
+    data_root = None
+    if args.eval == 'shared':
+        if args.data_root is None:
+            raise SystemExit('--eval shared needs --data-root (the folder of real benchmark images); '
+                             'or pass --eval demo to evaluate on the demo validation sets.')
+        data_root = Path(args.data_root).resolve()
+        if not data_root.is_dir():
+            raise SystemExit(f'--data-root {args.data_root!r} is not a folder.')
     demo = Path(args.demo_data)
     demo = demo if demo.is_absolute() else (Path.cwd() / demo)
     if not (demo / 'train').is_dir():
@@ -165,20 +188,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f'[study] training {label}: {args.iters} iterations ({tpath})', flush=True)
         timing[label] = {'train_s': _run([basicsr, 'train', '-opt', str(tpath)], out, opts_dir / f'{name}_train.out')}
         ckpt = out / 'experiments' / name / 'models' / 'net_g_latest.pth'
-        eopt = test_options(f'{name}_eval', topt, str(ckpt), args.sets)
+        eopt = test_options(f'{name}_eval', topt, str(ckpt), args.sets, args.eval, str(demo))
         epath = opts_dir / f'test_{name}.yml'
         epath.write_text(yaml.safe_dump(eopt, sort_keys=False))
-        print(f'[study] evaluating {label} on {data_root}', flush=True)
-        timing[label]['eval_s'] = _run([basicsr, 'test', '-opt', str(epath), '--data-root', str(data_root)], out,
+        print(f'[study] evaluating {label} on {data_root or demo / "val"}', flush=True)
+        extra = ['--data-root', str(data_root)] if data_root else []
+        timing[label]['eval_s'] = _run([basicsr, 'test', '-opt', str(epath)] + extra, out,
                                        opts_dir / f'{name}_test.out')
         summaries[label] = load_summaries(out / 'results' / f'{name}_eval')
 
     sys.path.insert(0, str(REPO / 'scripts'))
     from bench_train_step import _machine  # the benchmarks' machine line
     machine = _machine('cpu')
-    text = (f'BaryIR dim {args.dim}, sources {args.sources}, {args.iters} iterations per arm, machine: {machine}\n'
+    text = (f'BaryIR dim {args.dim}, sources {args.sources}, {args.iters} iterations per arm, '
+            f'evaluated on {args.eval}, machine: {machine}\n'
             + ''.join(f'{k}: train {v["train_s"]:.0f} s, eval {v["eval_s"]:.0f} s\n' for k, v in timing.items())
-            + '\n' + table(summaries) + '\n')
+            + '\n' + table(summaries, args.eval) + '\n')
     print(text)
     (out / 'study_barycenter_map.md').write_text(text)
     (out / 'study_barycenter_map.json').write_text(json.dumps({'args': vars(args), 'timing': timing,
