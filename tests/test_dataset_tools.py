@@ -354,3 +354,24 @@ def test_make_lmdb_output_trains_through_basicsr_lmdb_backend(project):
         assert f"AllInOneDataset source '{source}': {n} samples x 1 = {n}" in log
     assert re.search(r'iter:\s+2,', log)
     assert (exp / 'models' / 'net_g_latest.pth').is_file()
+
+
+@pytest.mark.parametrize('kind', ['GaussianNoiseDataset', 'JPEGCompressionDataset'])
+def test_clean_image_sources_list_only_images_and_name_a_corrupt_file(tmp_path, kind):
+    """Both on-the-fly sources read their clean folder the same way: other files are ignored, a file that
+    does not decode is named in the error."""
+    folder = tmp_path / 'clean'
+    folder.mkdir()
+    img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    cv2.imwrite(str(folder / 'a.png'), img)
+    (folder / 'README.txt').write_text('not an image\n')
+    (folder / 'b.png').write_bytes((folder / 'a.png').read_bytes()[:40])  # truncated PNG
+    opt = {'name': 'clean', 'type': kind, 'dataroot_gt': str(folder), 'phase': 'val', 'io_backend': {'type': 'disk'}}
+    if kind == 'GaussianNoiseDataset':
+        opt['sigmas'] = [25]
+    ds = build_dataset(opt)
+    assert len(ds) == 2  # a.png and b.png, not README.txt
+    sample = ds[0]
+    assert torch.equal(sample['gt'], torch.from_numpy(img[..., ::-1].transpose(2, 0, 1) / 255.0).float())
+    with pytest.raises(OSError, match=re.escape(str(folder / 'b.png'))):
+        ds[1]

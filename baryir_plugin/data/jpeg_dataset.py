@@ -5,14 +5,12 @@ import os
 
 import cv2
 import numpy as np
-from basicsr.data.transforms import augment, paired_random_crop
 from basicsr.utils import img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
-from .layout import list_images, lmdb_keys
-from .stem_matched_dataset import open_file_client, read_image
+from .stem_matched_dataset import clean_image_paths, open_file_client, read_clean_view
 
 
 def jpeg_compress(img: np.ndarray, quality: int) -> np.ndarray:
@@ -63,18 +61,7 @@ class JPEGCompressionDataset(data.Dataset):
         self.std = opt.get('std')
         self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.file_client = None
-        root = str(opt['dataroot_gt'])
-        if self.io_backend_opt.get('type') == 'lmdb':
-            self.io_backend_opt['db_paths'] = [root]
-            self.io_backend_opt['client_keys'] = ['gt']
-            self.paths = sorted(lmdb_keys(root))
-        else:
-            if not os.path.isdir(root):
-                raise FileNotFoundError(f'{who}: dataroot_gt {root!r} is not a folder (for an LMDB set '
-                                        'io_backend: {type: lmdb}).')
-            self.paths = [os.path.join(root, n) for n in list_images(root)]
-        if not self.paths:
-            raise ValueError(f'{who}: no images in {root!r}.')
+        self.paths = clean_image_paths(str(opt['dataroot_gt']), self.io_backend_opt, who)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -82,10 +69,7 @@ class JPEGCompressionDataset(data.Dataset):
     def __getitem__(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         gt_path = self.paths[index]
-        clean = read_image(self.file_client, gt_path, 'gt')
-        if self.opt.get('phase') == 'train':
-            clean, _ = paired_random_crop(clean, clean, self.opt['gt_size'], 1, gt_path)
-            clean = np.ascontiguousarray(augment(clean, self.opt.get('use_hflip', True), self.opt.get('use_rot', True)))
+        clean = read_clean_view(self.file_client, gt_path, self.opt)
         lq = jpeg_compress(clean, self.quality)
         gt, lq = img2tensor([clean.astype(np.float32) / 255.0, lq.astype(np.float32) / 255.0], bgr2rgb=True,
                             float32=True)

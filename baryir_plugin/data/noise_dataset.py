@@ -5,14 +5,12 @@ import os
 
 import numpy as np
 import torch
-from basicsr.data.data_util import paths_from_folder, paths_from_lmdb
-from basicsr.data.transforms import augment, paired_random_crop
-from basicsr.utils import imfrombytes, img2tensor
+from basicsr.utils import img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
 from .degradations import gaussian_noise
-from .stem_matched_dataset import open_file_client
+from .stem_matched_dataset import clean_image_paths, open_file_client, read_clean_view
 
 
 @DATASET_REGISTRY.register()
@@ -44,19 +42,10 @@ class GaussianNoiseDataset(data.Dataset):
         self.sigmas: list[float] = [float(s) for s in opt['sigmas']]
         if not self.sigmas or any(s < 0 for s in self.sigmas):
             raise ValueError(f'GaussianNoiseDataset: sigmas must be a non-empty list of values >= 0, got {opt["sigmas"]}.')
-        self.io_backend_opt = dict(opt.get('io_backend', {'type': 'disk'}))
+        self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.file_client = None
-        root = opt['dataroot_gt']
-        if self.io_backend_opt['type'] == 'lmdb':
-            self.io_backend_opt['db_paths'] = [root]
-            self.io_backend_opt['client_keys'] = ['gt']
-            self.paths = sorted(paths_from_lmdb(root))
-        else:
-            if not os.path.isdir(root):
-                raise FileNotFoundError(f'GaussianNoiseDataset: dataroot_gt {root!r} is not a folder.')
-            self.paths = sorted(paths_from_folder(root))
-        if not self.paths:
-            raise ValueError(f'GaussianNoiseDataset: no images in {root!r}.')
+        who = f'GaussianNoiseDataset ({opt.get("name", "unnamed")})'
+        self.paths = clean_image_paths(str(opt['dataroot_gt']), self.io_backend_opt, who)
         self.noise_seed = int(opt.get('noise_seed', 0))
 
     @property
@@ -71,12 +60,9 @@ class GaussianNoiseDataset(data.Dataset):
         label, image_index = divmod(index, len(self.paths))
         sigma = self.sigmas[label]
         gt_path = self.paths[image_index]
-        clean = imfrombytes(self.file_client.get(gt_path, 'gt'), float32=False)  # uint8 BGR
+        clean = read_clean_view(self.file_client, gt_path, self.opt)  # uint8 BGR
         if self.opt.get('phase') == 'train':
-            gt_size = self.opt['gt_size']
-            clean, _ = paired_random_crop(clean, clean, gt_size, 1, gt_path)
-            clean = augment(clean, self.opt.get('use_hflip', True), self.opt.get('use_rot', True))
-            noisy = gaussian_noise(np.ascontiguousarray(clean), None, sigma)
+            noisy = gaussian_noise(clean, None, sigma)
         else:
             noisy = gaussian_noise(clean, np.random.default_rng((self.noise_seed, index)), sigma)
         gt, lq = img2tensor([clean.astype(np.float32) / 255.0, noisy.astype(np.float32) / 255.0], bgr2rgb=True,

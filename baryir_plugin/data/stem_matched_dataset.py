@@ -36,6 +36,39 @@ def read_image(file_client: FileClient, path: str, client_key: str) -> np.ndarra
     return img
 
 
+def clean_image_paths(root: str, io_backend_opt: dict, who: str) -> list[str]:
+    """Sorted paths (disk) or keys (LMDB) of a folder / BasicSR LMDB of clean images, for datasets that make
+    their LQ image on the fly. For LMDB, ``io_backend_opt`` (the dataset's own copy) gets ``db_paths`` and
+    ``client_keys`` (``'gt'``).
+
+    Raises:
+        FileNotFoundError: not a folder (disk) or not a BasicSR LMDB.
+        ValueError: no images there.
+    """
+    if io_backend_opt.get('type') == 'lmdb':
+        io_backend_opt['db_paths'] = [root]
+        io_backend_opt['client_keys'] = ['gt']
+        paths = sorted(lmdb_keys(root))
+    else:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f'{who}: dataroot_gt {root!r} is not a folder (for an LMDB set '
+                                    'io_backend: {type: lmdb}).')
+        paths = [os.path.join(root, n) for n in list_images(root)]
+    if not paths:
+        raise ValueError(f'{who}: no images in {root!r}.')
+    return paths
+
+
+def read_clean_view(file_client: FileClient, path: str, opt: dict) -> np.ndarray:
+    """A clean uint8 BGR image as a dataset with ``opt`` sees it: in the train phase a random crop of
+    ``gt_size`` with dihedral augmentation (``use_hflip``/``use_rot``, default true), else the whole image."""
+    img = read_image(file_client, path, 'gt')
+    if opt.get('phase') == 'train':
+        img, _ = paired_random_crop(img, img, opt['gt_size'], 1, path)
+        img = np.ascontiguousarray(augment(img, opt.get('use_hflip', True), opt.get('use_rot', True)))
+    return img
+
+
 def check_same_size(img_lq: np.ndarray, img_gt: np.ndarray, lq_path: str, gt_path: str, who: str) -> None:
     """Raise when a pair's sizes differ (restoration here is 1x; BasicSR would crop or fail obscurely)."""
     if img_lq.shape[:2] != img_gt.shape[:2]:
