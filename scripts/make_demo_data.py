@@ -13,7 +13,9 @@ names pair by file name):
 
 ``--lmdb`` also writes LMDB twins beside every gt/lq/clean folder (``gt.lmdb`` ...) with
 basicsr.utils.lmdb_util. Validation images have sizes that are not multiples of 8. Training tiles come
-from other photos than the validation images.
+from other photos than the validation images, at two scales: photos shrunk so that a tile holds
+structure, and the photos' own resolution, where a tile also holds smooth areas and flat colour (like
+the validation crops).
 
     python scripts/make_demo_data.py --out datasets/demo            # the README's demo (seconds)
     python scripts/make_demo_data.py --out DIR --preset tiny --lmdb  # what the tests use
@@ -31,11 +33,14 @@ import numpy as np
 PAIRED = ('rain', 'haze', 'blur', 'lowlight')
 PRESETS = {
     # train: photos cut into tiles of train_size; val: (photo, height, width) centre crops
+    # native_tiles_per_photo: more tiles cut at the photo's own resolution (smooth areas, gradients, flat
+    # colour, as in the validation crops), drawn from a second random stream (seed, 1)
     'demo': {'train_photos': ('astronaut', 'chelsea', 'coffee', 'retina', 'hubble_deep_field', 'immunohistochemistry',
                               'motorcycle_left', 'coins', 'moon', 'brick', 'grass', 'gravel'),
-             'train_size': 96, 'tiles_per_photo': 8, 'val': (('rocket', 140, 108), ('camera', 92, 116))},
+             'train_size': 96, 'tiles_per_photo': 8, 'native_tiles_per_photo': 8,
+             'val': (('rocket', 140, 108), ('camera', 92, 116))},
     'tiny': {'train_photos': ('astronaut', 'coffee'), 'train_size': 48, 'tiles_per_photo': 2,
-             'val': (('chelsea', 36, 44), ('rocket', 29, 51))},
+             'native_tiles_per_photo': 0, 'val': (('chelsea', 36, 44), ('rocket', 29, 51))},
 }
 VAL_SIGMA = 25
 
@@ -58,10 +63,10 @@ def load_photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3][..., ::-1])  # RGB -> BGR for cv2
 
 
-def _tiles(img: np.ndarray, size: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _tiles(img: np.ndarray, size: int, count: int, rng: np.random.Generator, shrink: bool = True) -> list[np.ndarray]:
     h, w = img.shape[:2]
     scale = size * 2 / min(h, w)
-    if scale < 1:  # shrink large photos so a tile holds structure, not a flat patch
+    if shrink and scale < 1:  # shrink large photos so a tile holds structure, not a flat patch
         img = cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         h, w = img.shape[:2]
     out = []
@@ -97,6 +102,17 @@ def _make_lmdb(folder: str) -> None:
     make_lmdb_from_imgs(folder, folder + '.lmdb', names, keys, multiprocessing_read=False)
 
 
+def _write_training_pairs(out: str, tiles: list[tuple[str, np.ndarray]], rng: np.random.Generator) -> None:
+    """Each clean tile, and its four paired degradations, under ``out/train``."""
+    from baryir_plugin.data.degradations import degrade
+
+    for name, tile in tiles:
+        _write(os.path.join(out, 'train', 'clean', f'{name}.png'), tile)
+        for kind in PAIRED:
+            _write(os.path.join(out, 'train', kind, 'gt', f'{name}.png'), tile)
+            _write(os.path.join(out, 'train', kind, 'lq', f'{name}.png'), degrade(tile, kind, rng))
+
+
 def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> dict:
     """Write the dataset under ``out`` (replacing it); returns the number of images per folder."""
     from baryir_plugin.data.degradations import degrade
@@ -108,11 +124,13 @@ def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> 
     counts: dict[str, int] = {}
     tiles = [(f'{photo}_{i:02d}', tile) for photo in cfg['train_photos']
              for i, tile in enumerate(_tiles(load_photo(photo), cfg['train_size'], cfg['tiles_per_photo'], rng))]
-    for name, tile in tiles:
-        _write(os.path.join(out, 'train', 'clean', f'{name}.png'), tile)
-        for kind in PAIRED:
-            _write(os.path.join(out, 'train', kind, 'gt', f'{name}.png'), tile)
-            _write(os.path.join(out, 'train', kind, 'lq', f'{name}.png'), degrade(tile, kind, rng))
+    _write_training_pairs(out, tiles, rng)
+    native_rng = np.random.default_rng([seed, 1])
+    for photo in cfg['train_photos']:
+        native = _tiles(load_photo(photo), cfg['train_size'], cfg['native_tiles_per_photo'], native_rng, shrink=False)
+        native = [(f'{photo}_n{i:02d}', tile) for i, tile in enumerate(native)]
+        _write_training_pairs(out, native, native_rng)
+        tiles += native
     counts['train'] = len(tiles)
     for photo, h, w in cfg['val']:
         img = load_photo(photo)

@@ -124,6 +124,31 @@ def test_dihedral_augmentation_covers_all_eight_including_identity(workdir):
     assert seen == set(range(8))
 
 
+def test_channel_permute_applies_one_colour_order_to_both_images(workdir):
+    import itertools
+    import random
+
+    rain = str(workdir / 'datasets' / 'tiny' / 'train' / 'rain')
+    opt = {'name': 'mix', 'type': 'AllInOneDataset', 'phase': 'train', 'gt_size': 48, 'use_hflip': False,
+           'use_rot': False, 'io_backend': {'type': 'disk'}, 'channel_permute': True,
+           'sources': [{'name': 'rain', 'type': 'PairedImageDataset', 'dataroot_gt': f'{rain}/gt',
+                        'dataroot_lq': f'{rain}/lq', 'filename_tmpl': '{}'}]}
+    base = build_dataset(dict(opt, phase='val'))[0]  # 48x48 tiles: no crop freedom, no flips
+    assert torch.equal(build_dataset(dict(opt, channel_permute=False))[0]['lq'], base['lq'])
+    ds = build_dataset(opt)
+    orders = [list(p) for p in itertools.permutations(range(3))]
+    random.seed(0)
+    seen = set()
+    for _ in range(60):
+        sample = ds[0]
+        order = next(i for i, p in enumerate(orders) if torch.equal(sample['gt'], base['gt'][p]))
+        assert torch.equal(sample['lq'], base['lq'][orders[order]])  # the same order for the pair
+        seen.add(order)
+    assert seen == set(range(6))
+    with pytest.raises(ValueError, match='channel_permute needs 3-channel'):
+        build_dataset(dict(opt, color='y'))[0]
+
+
 def test_training_step_updates_the_right_networks(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     opt = _opt(workdir)

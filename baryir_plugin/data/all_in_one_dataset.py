@@ -4,6 +4,7 @@ from __future__ import annotations
 import bisect
 import copy
 import itertools
+import random
 from typing import Any
 
 import torch
@@ -33,6 +34,11 @@ class AllInOneDataset(data.Dataset):
         gt_size, use_hflip, use_rot, io_backend, mean, std, filename_tmpl: shared by every source unless
             it sets its own. In the train phase each source crops at random (aligned LQ/GT crop) and
             applies all 8 dihedral transforms (identity included, unlike the reference).
+        channel_permute: train phase only: also shuffle the colour channels of each pair (one of the 6
+            orders, the same for lq and gt). Default false. It multiplies the colours a small set of photos
+            offers, for degradations that treat the channels alike (noise, rain, haze, blur, low light);
+            leave it off where the channels differ physically (underwater colour casts) or when
+            ``mean``/``std`` normalise per channel.
 
     Every sample gets ``source_id`` (index in ``source_names``) and ``degradation_id`` (index in
     ``degradation_names``). ``source_counts`` are the per-source sample counts after repeats, from which
@@ -54,6 +60,7 @@ class AllInOneDataset(data.Dataset):
         self.repeats: list[int] = []
         self.degradation_names: list[str] = []
         self._label_ids: list[list[int]] = []  # per source: its local label index -> global degradation id
+        self.channel_permute = bool(opt.get('channel_permute', False)) and opt.get('phase') == 'train'
         for i, entry in enumerate(entries):
             self._add_source(i, entry)
         self.source_counts = [len(ds) * r for ds, r in zip(self.sources, self.repeats)]
@@ -100,6 +107,15 @@ class AllInOneDataset(data.Dataset):
         except ValueError:
             raise KeyError(f'AllInOneDataset: no source named {name!r}; sources are {self.source_names}.') from None
 
+    def _permute_channels(self, sample: dict, source: int) -> None:
+        """One random order of the colour channels (1 of 6, python's ``random``), the same for lq and gt."""
+        if sample['lq'].shape[0] != 3 or sample['gt'].shape[0] != 3:
+            raise ValueError(f'AllInOneDataset ({self.opt.get("name", "unnamed")}): channel_permute needs 3-channel '
+                             f'images, but source {self.source_names[source]!r} gives lq {tuple(sample["lq"].shape)} and '
+                             f'gt {tuple(sample["gt"].shape)}; turn channel_permute off for Y-channel or grey data.')
+        order = torch.tensor(random.sample(range(3), 3))
+        sample['lq'], sample['gt'] = sample['lq'][order], sample['gt'][order]
+
     def __len__(self) -> int:
         return self._ends[-1]
 
@@ -115,6 +131,8 @@ class AllInOneDataset(data.Dataset):
         if local >= len(ids):
             raise IndexError(f'AllInOneDataset: source {self.source_names[source]!r} returned degradation {local} '
                              f'but has only {len(ids)} labels {ids}; set its `labels` option.')
+        if self.channel_permute:
+            self._permute_channels(sample, source)
         sample['source_id'] = torch.tensor(source)
         sample['degradation_id'] = torch.tensor(ids[local])
         return sample
