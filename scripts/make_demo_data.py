@@ -122,12 +122,13 @@ def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> 
     if os.path.isdir(out):
         shutil.rmtree(out)
     counts: dict[str, int] = {}
-    tiles = [(f'{photo}_{i:02d}', tile) for photo in cfg['train_photos']
-             for i, tile in enumerate(_tiles(load_photo(photo), cfg['train_size'], cfg['tiles_per_photo'], rng))]
+    photos = {photo: load_photo(photo) for photo in cfg['train_photos']}
+    tiles = [(f'{photo}_{i:02d}', tile) for photo, img in photos.items()
+             for i, tile in enumerate(_tiles(img, cfg['train_size'], cfg['tiles_per_photo'], rng))]
     _write_training_pairs(out, tiles, rng)
     native_rng = np.random.default_rng([seed, 1])
-    for photo in cfg['train_photos']:
-        native = _tiles(load_photo(photo), cfg['train_size'], cfg['native_tiles_per_photo'], native_rng, shrink=False)
+    for photo, img in photos.items():
+        native = _tiles(img, cfg['train_size'], cfg['native_tiles_per_photo'], native_rng, shrink=False)
         native = [(f'{photo}_n{i:02d}', tile) for i, tile in enumerate(native)]
         _write_training_pairs(out, native, native_rng)
         tiles += native
