@@ -200,3 +200,52 @@ def test_channels_last_inference_gives_the_same_restoration(tmp_path):
         outputs.append(model.output)
     assert outputs[1].shape == x.shape
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
+
+
+def test_dihedral_ensemble_is_invariant_to_rotations_and_flips_of_the_input():
+    from baryir_plugin.models.baryir_model import dihedral_ensemble
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)  # a random 3x3 kernel: not rotation- or flip-equivariant
+    x = torch.rand(2, 3, 5, 7)  # not square: rotated views change shape
+    with torch.no_grad():
+        restored = dihedral_ensemble(net, x)
+        assert restored.shape == x.shape
+        assert (restored - net(x)).abs().max() > 1e-3  # the ensemble is not the plain forward
+        for k in range(4):
+            for flip in (False, True):
+                def t(img):
+                    img = torch.rot90(img, k, dims=(-2, -1))
+                    return img.flip(-1) if flip else img
+                torch.testing.assert_close(dihedral_ensemble(net, t(x)), t(restored), atol=1e-6, rtol=0)
+        torch.testing.assert_close(dihedral_ensemble(torch.nn.Identity(), x), x)
+
+
+def test_self_ensemble_option_restores_with_the_mean_of_eight_views(tmp_path):
+    from basicsr.models import build_model
+
+    from baryir_plugin.models.baryir_model import dihedral_ensemble
+
+    ckpt = _tiny_checkpoint(tmp_path / 'net_g.pth')
+    x = torch.rand(1, 3, 21, 30)
+
+    def model_with(val):
+        return build_model({'name': 'se', 'model_type': 'BaryIRModel', 'is_train': False, 'dist': False, 'num_gpu': 0,
+                            'scale': 1, 'network_g': dict(TINY_NET),
+                            'path': {'pretrain_network_g': str(ckpt), 'strict_load_g': True}, 'val': val})
+
+    outputs = {}
+    for channels_last in (False, True):
+        model = model_with({'self_ensemble': True, 'channels_last': channels_last})
+        model.feed_data({'lq': x})
+        model.test()
+        outputs[channels_last] = model.output
+    model.net_g.eval()
+    with torch.no_grad():
+        expected = dihedral_ensemble(model.net_g, x)
+        plain = model.net_g(x)
+    torch.testing.assert_close(outputs[False], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs[True], expected, atol=1e-5, rtol=0)
+    assert (outputs[False] - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match='val.self_ensemble must be true or false'):
+        model_with({'self_ensemble': 'yes'})
