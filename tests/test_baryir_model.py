@@ -290,3 +290,14 @@ def test_test_mode_builds_only_the_restoration_network():
     model.feed_data({'lq': torch.rand(1, 3, 29, 51)})
     model.test()
     assert model.output.shape == (1, 3, 29, 51)
+
+
+def test_demo_test_file_restores_the_network_the_demo_trains():
+    train = yaml.safe_load((REPO / 'options' / 'train_baryir_demo.yml').read_text())
+    test = yaml.safe_load((REPO / 'options' / 'test_baryir_demo.yml').read_text())
+    assert test['network_g'] == train['network_g']
+    assert test['path']['pretrain_network_g'] == f'experiments/{train["name"]}/models/net_g_latest.pth'
+    potentials, data = train['network_potential'], train['datasets']['train']
+    assert potentials['num_potentials'] == len(data['sources'])
+    assert potentials['in_channels'] == 8 * train['network_g']['dim']
+    assert potentials['patch_size'] == data['gt_size']
