@@ -9,6 +9,7 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -274,7 +275,15 @@ def test_demo_config_under_torchrun_gloo(tmp_path):
     log = '\n'.join(p.read_text() for p in exp.glob('train_*.log'))
     assert 'World size (gpu number): 2' in log
     assert re.search(r'iter:\s+4,.*l_irc', log)
-    assert len(re.findall(r'# psnr', log)) == 5  # final validation on the five demo sets
+    # final validation on the five demo sets, then their average (rank 0 alone validates)
+    sets = re.findall(r'Validation (demo_val_\w+)\n\t # psnr: ([0-9.]+)', log)
+    assert [name for name, _ in sets] == [f'demo_val_{s}' for s in ('noise', 'rain', 'haze', 'blur', 'lowlight')]
+    average = re.findall(r'Validation average\n\t # psnr: ([0-9.]+)', log)
+    assert len(average) == 1
+    assert float(average[0]) == pytest.approx(np.mean([float(v) for _, v in sets]), abs=2e-4)
+    inputs = [float(v) for v in re.findall(r'Inputs of demo_val_\w+: psnr: ([0-9.]+)', log)]
+    assert float(re.search(r'Inputs of average: psnr: ([0-9.]+)', log).group(1)) == pytest.approx(
+        np.mean(inputs), abs=2e-4)
     assert {'net_g_latest.pth', 'net_potential_latest.pth', 'net_potential_4.pth'} <= {
         p.name for p in (exp / 'models').iterdir()}
     state = torch.load(exp / 'training_states' / '4.state', weights_only=True)

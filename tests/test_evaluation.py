@@ -249,3 +249,59 @@ def test_self_ensemble_option_restores_with_the_mean_of_eight_views(tmp_path):
     assert (outputs[False] - plain).abs().max() > 1e-4
     with pytest.raises(ValueError, match='val.self_ensemble must be true or false'):
         model_with({'self_ensemble': 'yes'})
+
+
+def test_average_over_sets_is_the_mean_of_the_set_means(evaluated):
+    _, results, _ = evaluated
+    metrics = results / 'metrics'
+    sets = {name: json.loads((metrics / f'{name}.json').read_text())['metrics']
+            for name in ('rain3', 'bsd2_sigma25', 'rni2')}
+    average = json.loads((metrics / 'average.json').read_text())
+    assert average['average_of'] == ['rain3', 'bsd2_sigma25', 'rni2']
+    # PSNR exists on the two sets with ground truth, SSIM on rain3 only, NIQE on rni2 only
+    psnr = average['metrics']['psnr']
+    assert psnr['sets'] == ['rain3', 'bsd2_sigma25']
+    assert psnr['mean'] == pytest.approx(np.mean([sets['rain3']['psnr']['mean'], sets['bsd2_sigma25']['psnr']['mean']]),
+                                         abs=1e-9)
+    assert psnr['input_mean'] == pytest.approx(
+        np.mean([sets['rain3']['psnr']['input_mean'], sets['bsd2_sigma25']['psnr']['input_mean']]), abs=1e-9)
+    # a set mean, not the mean over all images (3 + 2 images would weigh rain3 more)
+    assert abs(psnr['mean'] - (3 * sets['rain3']['psnr']['mean'] + 2 * sets['bsd2_sigma25']['psnr']['mean']) / 5) > 1e-6
+    assert average['metrics']['ssim']['sets'] == ['rain3']
+    assert average['metrics']['niqe'] == {'mean': sets['rni2']['niqe']['mean'], 'sets': ['rni2'],
+                                          'input_mean': sets['rni2']['niqe']['input_mean']}
+    assert 'lpips' not in average['metrics']  # unavailable everywhere: no number
+    log = '\n'.join(p.read_text() for p in results.glob('test_*.log'))
+    assert 'psnr over 2 of them (rain3, bsd2_sigma25)' in log
+    assert f"Validation average\n\t # psnr: {psnr['mean']:.4f}" in log
+    assert f"Inputs of average: psnr: {psnr['input_mean']:.4f}" in log
+
+
+def test_average_option_names_the_sets_and_refuses_unknown_ones():
+    from baryir_plugin.models.baryir_model import BaryIRModel
+
+    def sets(*names, train=False):
+        out = {'train': {'name': 'tr'}} if train else {}
+        out.update({f'{"val" if train else "test"}_{i}': {'name': n} for i, n in enumerate(names)})
+        return out
+
+    def chosen(datasets, average='default', is_train=False):
+        val = {} if average == 'default' else {'average': average}
+        made = BaryIRModel._set_average({'datasets': datasets, 'val': val}, is_train)
+        return None if made is None else made.names
+
+    assert chosen(sets('a', 'b')) == ['a', 'b']
+    assert chosen(sets('a')) is None  # one set: its own line says it all
+    assert chosen(sets('a'), True) == ['a']
+    assert chosen(sets('a', 'b'), False) is None
+    assert chosen(sets('a', 'b', 'c'), ['c', 'a']) == ['c', 'a']
+    assert chosen(sets('a', 'b', train=True), is_train=True) == ['a', 'b']  # the training set is not validated
+    with pytest.raises(ValueError, match=r"val.average: \['x'\] are not evaluation sets"):
+        chosen(sets('a', 'b'), ['a', 'x'])
+    with pytest.raises(ValueError, match=r"val.average: \['tr'\]"):
+        chosen(sets('a', train=True), ['tr'], is_train=True)
+    with pytest.raises(ValueError, match='must be true, false or a list'):
+        chosen(sets('a', 'b'), 'a')
+    with pytest.raises(ValueError, match="named 'average'"):
+        chosen(sets('a', 'average'))
+    assert chosen(sets('a', 'average'), False) is None

@@ -16,6 +16,7 @@ from basicsr.utils.options import parse_options
 
 from baryir_plugin.cli import resolve_data_root
 from baryir_plugin.data.layout import SETS, select
+from baryir_plugin.models.baryir_model import BaryIRModel
 
 from .conftest import REPO, shared_path
 from .fake_tree import make_fake_tree
@@ -133,6 +134,9 @@ def test_benchmark_test_files_build_every_set_on_a_layout_tree(name, fake_root, 
         assert sample['lq'].shape == sample['gt'].shape, entry['name']
     names = [e['name'] for _, e in _dataset_entries(opt)]
     assert len(names) == len(set(names))
+    average = BaryIRModel._set_average(opt, is_train=False).names  # val.average names real sets
+    assert average == ([n for n in names if n.startswith('CDD-11_')] if name == 'ood' else names)
+    assert len(average) == (11 if name == 'ood' else 5)
 
 
 def test_shared_data_test_file_builds_every_real_set(tmp_path):
@@ -147,3 +151,5 @@ def test_shared_data_test_file_builds_every_real_set(tmp_path):
     assert sizes == {'Rain100L': 100, 'CBSD68_sigma15': 68, 'CBSD68_sigma25': 68, 'CBSD68_sigma50': 68,
                      'Rain100H': 100, 'CBSD68_sigma60': 68, 'CBSD68_sigma75': 68, 'Kodak24_sigma25': 24,
                      'Kodak24_sigma50': 24, 'McMaster_sigma25': 18, 'McMaster_sigma50': 18, 'RNI15': 15}
+    assert BaryIRModel._set_average(opt, is_train=False).names == [
+        'Rain100L', 'CBSD68_sigma15', 'CBSD68_sigma25', 'CBSD68_sigma50']

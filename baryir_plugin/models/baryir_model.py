@@ -31,7 +31,7 @@ from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
 from baryir_plugin.compat import atomic_torch_save
 from baryir_plugin.losses import transport_cost
 
-from .validation_report import ValidationReport, metric_needs_reference
+from .validation_report import SetAverage, ValidationReport, metric_needs_reference
 
 LAMBDA_MODES = ('proportional', 'inverse', 'uniform')
 POTENTIAL_STEP_MODES = ('recompute', 'reuse')
@@ -132,6 +132,35 @@ class BaryIRModel(SRModel):
         metric_names = list((opt.get('val') or {}).get('metrics') or {})
         for entry in (opt.get('datasets') or {}).values():  # checked here, not hours later at that set's turn
             self._dataset_metrics(entry, metric_names)
+        self.set_average = self._set_average(opt, self.is_train)
+
+    @staticmethod
+    def _set_average(opt: dict, is_train: bool) -> Optional[SetAverage]:
+        """The ``val.average`` option: which evaluation sets the logged average is taken over."""
+        names = []
+        for key, entry in (opt.get('datasets') or {}).items():
+            # training validates the 'val' entries; `basicsr test` evaluates every entry
+            if not is_train or entry.get('phase', key.split('_')[0]) == 'val':
+                names.append(entry.get('name'))
+        choice = (opt.get('val') or {}).get('average')
+        if choice is None:
+            choice = len(names) >= 2
+        if choice is False:
+            return None
+        if choice is True:
+            chosen = names
+        elif isinstance(choice, (list, tuple)) and choice and all(isinstance(n, str) for n in choice):
+            unknown = [n for n in choice if n not in names]
+            if unknown:
+                raise ValueError(f'val.average: {unknown} are not evaluation sets of this file ({names}); '
+                                 'list dataset names, or write true (all sets) or false (no average).')
+            chosen = list(dict.fromkeys(choice))
+        else:
+            raise ValueError(f'val.average must be true, false or a list of dataset names, got {choice!r}.')
+        if 'average' in names:
+            raise ValueError("a dataset is named 'average', the name the average over sets is logged and "
+                             'reported under; rename the dataset, or set val.average: false.')
+        return SetAverage(chosen) if chosen else None
 
     @staticmethod
     def _dataset_metrics(dataset_opt: dict, metric_names: Sequence[str]) -> list[str]:
@@ -356,6 +385,12 @@ class BaryIRModel(SRModel):
             validation during training too. Default false.
         input_metrics: also score the degraded input (``input_<metric>`` columns: against the ground truth,
             or on its own for no-reference metrics; the baseline a restoration must beat). Default false.
+        average: after the last set of a round, log each metric's mean over the sets' means (the "Average"
+            column of all-in-one tables; with best value, TensorBoard tag ``metrics/average/<metric>``,
+            the inputs' average with input_metrics, and ``average[_<iter>].json`` beside the set reports).
+            A metric is averaged over the sets that report it, named in the log when not all do.
+            true: all evaluation sets; a list: those dataset names; false: none. Default: true when there
+            are two sets or more.
         metrics: as BasicSR. A dataset entry may list ``metrics: [psnr, niqe]`` (names of val.metrics,
             checked when the model is built) to compute only those on that set, e.g. no-reference metrics
             only where they are wanted. Full-reference metrics on a set without ground truth and metrics
@@ -417,15 +452,43 @@ class BaryIRModel(SRModel):
         for name, reason in report.unavailable.items():
             logger.info(f'Validation {dataset_name}: {name} not reported ({reason}).')
         if write_report:
-            if self.opt['is_train']:
-                folder = osp.join(self.opt['path']['experiments_root'], 'metrics')
-                stem = f'{dataset_name}_{current_iter}'
-            else:
-                folder, stem = osp.join(self.opt['path']['results_root'], 'metrics'), dataset_name
-            extra = {'model': self.opt['name'], 'iteration': current_iter,
-                     'network_g': self.opt['path'].get('pretrain_network_g')}
-            csv_path, json_path = report.write(folder, stem, **extra)
+            folder, stem = self._report_location(dataset_name, current_iter)
+            csv_path, json_path = report.write(folder, stem, **self._report_extra(current_iter))
             logger.info(f'Validation {dataset_name}: per-image metrics in {csv_path}, summary in {json_path}')
+        if self.set_average is not None and self.set_average.add(
+                current_iter, dataset_name, self.metric_results, report.means('input_') if report.with_input else None):
+            self._log_set_average(current_iter, tb_logger, write_report)
+
+    def _log_set_average(self, current_iter, tb_logger, write_report: bool) -> None:
+        """Log (and report) the mean over the ``val.average`` sets, once the last of them has reported."""
+        average, logger = self.set_average, get_root_logger()
+        means = average.means()
+        if not means:
+            return
+        partial = ''.join(f'; {metric} over {len(sets)} of them ({", ".join(sets)})'
+                          for metric, (_, sets) in means.items() if len(sets) < len(average.names))
+        logger.info(f'Validation average: mean of the set means of {", ".join(average.names)}{partial}')
+        self.metric_results = {metric: value for metric, (value, _) in means.items()}
+        self._initialize_best_metric_results('average')
+        for metric, value in self.metric_results.items():
+            self._update_best_metric_result('average', metric, value, current_iter)
+        self._log_validation_metric_values(current_iter, 'average', tb_logger)
+        inputs = average.input_means()
+        if inputs:
+            logger.info('Inputs of average: ' + ', '.join(f'{k}: {v:.4f}' for k, (v, _) in inputs.items()))
+        if write_report:
+            folder, stem = self._report_location('average', current_iter)
+            path = average.write(osp.join(folder, f'{stem}.json'), **self._report_extra(current_iter))
+            logger.info(f'Validation average: summary in {path}')
+
+    def _report_location(self, dataset_name: str, current_iter) -> tuple[str, str]:
+        if self.opt['is_train']:
+            return osp.join(self.opt['path']['experiments_root'], 'metrics'), f'{dataset_name}_{current_iter}'
+        return osp.join(self.opt['path']['results_root'], 'metrics'), dataset_name
+
+    def _report_extra(self, current_iter) -> dict:
+        return {'model': self.opt['name'], 'iteration': current_iter,
+                'network_g': self.opt['path'].get('pretrain_network_g')}
 
     def _visualization_path(self, dataset_name: str, img_name: str, current_iter) -> str:
         if self.opt['is_train']:

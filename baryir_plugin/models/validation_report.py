@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -111,3 +111,62 @@ class ValidationReport:
         summary = json.dumps(self.summary(**extra), indent=2) + '\n'
         atomic_write(json_path, lambda f: f.write(summary.encode('utf-8')))
         return csv_path, json_path
+
+
+class SetAverage:
+    """The mean over several evaluation sets of each set's mean: the "Average" column of all-in-one tables.
+
+    Sets report one at a time (BasicSR validates its loaders in turn); a round is keyed by the iteration
+    (or the test run's name) and is complete once every named set has reported in it. A metric is
+    averaged over the sets that report it (a no-reference set has no PSNR), and the sets are named with
+    the value, so an average over fewer sets is never mistaken for one over all of them.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self._key: Any = None
+        self._means: dict[str, dict[str, float]] = {}
+        self._input_means: dict[str, dict[str, float]] = {}
+
+    def add(self, key: Any, dataset_name: str, means: dict[str, float],
+            input_means: Optional[dict[str, float]] = None) -> bool:
+        """Record one set's means; True when this completes the round ``key``."""
+        if dataset_name not in self.names:
+            return False
+        if key != self._key:
+            self._key, self._means, self._input_means = key, {}, {}
+        self._means[dataset_name] = dict(means)
+        self._input_means[dataset_name] = dict(input_means or {})
+        return len(self._means) == len(self.names)
+
+    def _average(self, per_set: dict[str, dict[str, float]]) -> dict[str, tuple[float, list[str]]]:
+        out: dict[str, tuple[float, list[str]]] = {}
+        metrics = [m for name in self.names for m in per_set.get(name, {})]
+        for metric in dict.fromkeys(metrics):  # first-seen order
+            sets = [name for name in self.names if metric in per_set.get(name, {})]
+            out[metric] = (float(np.mean([per_set[name][metric] for name in sets])), sets)
+        return out
+
+    def means(self) -> dict[str, tuple[float, list[str]]]:
+        """metric -> (mean over the sets that report it, those sets), for the current round."""
+        return self._average(self._means)
+
+    def input_means(self) -> dict[str, tuple[float, list[str]]]:
+        return self._average(self._input_means)
+
+    def summary(self, **extra: Any) -> dict:
+        inputs = self.input_means()
+        metrics = {}
+        for metric, (value, sets) in self.means().items():
+            metrics[metric] = {'mean': value, 'sets': sets}
+            if metric in inputs:
+                metrics[metric]['input_mean'] = inputs[metric][0]
+        out = {'average_of': self.names, 'metrics': metrics,
+               'per_set': {name: self._means.get(name, {}) for name in self.names}}
+        out.update(extra)
+        return out
+
+    def write(self, path: str, **extra: Any) -> str:
+        text = json.dumps(self.summary(**extra), indent=2) + '\n'
+        atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+        return path
