@@ -111,13 +111,18 @@ def test_options(name: str, train_opt: dict, checkpoint: str, sets: list[str] | 
         if unknown:
             raise SystemExit(f'--sets: unknown {unknown}; choose from {known}.')
         opt['datasets'] = {k: d for k, d in opt['datasets'].items() if d['name'] in sets}
+        average = opt['val'].get('average')
+        if isinstance(average, list):  # average over the chosen sets the file averages, if any
+            opt['val']['average'] = [n for n in average if n in sets] or False
     opt['network_g'] = copy.deepcopy(train_opt['network_g'])
     opt['path']['pretrain_network_g'] = checkpoint
     return opt
 
 
 def load_summaries(results: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((results / 'metrics').glob('*.json'))}
+    """Each set's summary JSON (not the average over sets: the table is per set)."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((results / 'metrics').glob('*.json'))
+            if p.stem != 'average'}
 
 
 def table(arms: dict[str, dict[str, dict]], evaluation: str = 'shared') -> str:

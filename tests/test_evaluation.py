@@ -295,6 +295,7 @@ def test_average_option_names_the_sets_and_refuses_unknown_ones():
     assert chosen(sets('a'), True) == ['a']
     assert chosen(sets('a', 'b'), False) is None
     assert chosen(sets('a', 'b', 'c'), ['c', 'a']) == ['c', 'a']
+    assert chosen(sets('a', 'b', 'a')) == ['a', 'b']  # one name, one set: the round can complete
     assert chosen(sets('a', 'b', train=True), is_train=True) == ['a', 'b']  # the training set is not validated
     with pytest.raises(ValueError, match=r"val.average: \['x'\] are not evaluation sets"):
         chosen(sets('a', 'b'), ['a', 'x'])

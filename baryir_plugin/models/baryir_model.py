@@ -142,6 +142,7 @@ class BaryIRModel(SRModel):
             # training validates the 'val' entries; `basicsr test` evaluates every entry
             if not is_train or entry.get('phase', key.split('_')[0]) == 'val':
                 names.append(entry.get('name'))
+        names = list(dict.fromkeys(names))  # two entries of one name report (and average) as one set
         choice = (opt.get('val') or {}).get('average')
         if choice is None:
             choice = len(names) >= 2
