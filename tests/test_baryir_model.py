@@ -310,3 +310,25 @@ def test_demo_test_file_restores_the_network_the_demo_trains():
     assert potentials['num_potentials'] == len(data['sources'])
     assert potentials['in_channels'] == 8 * train['network_g']['dim']
     assert potentials['patch_size'] == data['gt_size']
+
+
+def test_potential_log_skips_sources_missing_from_the_batch(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    opt = _opt(workdir)
+    model = build_model(opt)
+    both = _batch(opt)
+    only = {k: v[both['source_id'] == 0] for k, v in both.items() if torch.is_tensor(v)}
+    model.feed_data(only)
+    losses = model.network_step()
+    assert torch.isnan(losses['f_rain'])  # no rain sample seen yet: not a number, not 0
+    model.feed_data(both)
+    with torch.no_grad():
+        z_bary = model.net_g(model.lq, return_latents=True)[2]
+        scores = model.net_potential(z_bary, model.source_id)
+    expected = scores[model.source_id == 1].mean()
+    losses = model.network_step()
+    assert float(losses['f_rain']) == pytest.approx(float(expected), abs=1e-6)
+    model.feed_data(only)
+    losses = model.network_step()
+    assert float(losses['f_rain']) == pytest.approx(float(expected), abs=1e-6)  # kept, not reset to 0
+    assert not torch.isnan(losses['f_noise'])

@@ -196,6 +196,8 @@ class BaryIRModel(SRModel):
             lam = barycenter_weights(counts, train_opt.get('lambda_mode', 'proportional'))
         pot.set_lambdas(lam)
         self.net_potential = self.model_to_device(pot)
+        # each source's mean potential on its latest samples, for the log (NaN until a sample is seen)
+        self.potential_means = torch.full((len(self.source_names),), float('nan'), device=self.device)
         load_path = self.opt['path'].get('pretrain_network_potential')
         if load_path is not None:
             self.load_network(self.net_potential, load_path, self.opt['path'].get('strict_load_potential', True),
@@ -340,11 +342,24 @@ class BaryIRModel(SRModel):
         self._z_bary = z_bary.detach()
         with torch.no_grad():
             losses['transport_cost'] = transport_cost(z, z_bary, self.cri_mwb.cost).mean()
-            scores = potential.detach()
-            for k, name in enumerate(self.source_names):  # 0 when the batch holds no sample of a source
-                mask = (self.source_id == k).to(scores.dtype)
-                losses[f'f_{name}'] = (scores * mask).sum() / mask.sum().clamp(min=1)
+            self._update_potential_means(potential.detach())
+            for k, name in enumerate(self.source_names):
+                losses[f'f_{name}'] = self.potential_means[k]
         return OrderedDict((k, v.detach()) for k, v in losses.items())
+
+    def _update_potential_means(self, scores: torch.Tensor) -> None:
+        """f_k's mean over the samples of source k in this iteration's batch (all ranks' batches under DDP).
+
+        A source absent from the batch keeps its previous value rather than logging a 0 that no sample
+        produced; under DDP every rank then logs the same value.
+        """
+        k = len(self.source_names)
+        onehot = torch.nn.functional.one_hot(self.source_id.long(), k).to(scores.dtype)
+        stats = torch.cat([onehot.t() @ scores, onehot.sum(0)])  # per-source sums, then counts
+        if self.opt['dist'] and dist.is_initialized():
+            dist.all_reduce(stats)
+        sums, counts = stats[:k], stats[k:]
+        self.potential_means = torch.where(counts > 0, sums / counts.clamp(min=1), self.potential_means)
 
     def potential_step(self, z_bary: Optional[torch.Tensor] = None) -> 'OrderedDict[str, torch.Tensor]':
         """Step 2: ``potential_iters`` updates of the potentials on barycenter latents, network frozen.
@@ -523,7 +538,8 @@ class BaryIRModel(SRModel):
                  'optimizers': [o.state_dict() for o in self.optimizers],
                  'schedulers': [s.state_dict() for s in self.schedulers],
                  'rng': getattr(self, '_rng_states', None) or [capture_rng_state()],
-                 'source_names': list(self.source_names)}
+                 'source_names': list(self.source_names),
+                 'potential_means': self.potential_means.cpu()}
         atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def resume_training(self, resume_state: dict) -> None:
@@ -532,6 +548,8 @@ class BaryIRModel(SRModel):
             raise ValueError(f'resume: the training state was written for sources {saved}, but the data now has '
                              f'{self.source_names}; the potentials would be mixed up. Keep the source list.')
         super().resume_training(resume_state)
+        if resume_state.get('potential_means') is not None:
+            self.potential_means = resume_state['potential_means'].to(self.device, torch.float32)
         rng = resume_state.get('rng')
         if rng:
             rank = self.opt.get('rank', 0)
