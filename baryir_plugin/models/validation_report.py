@@ -27,6 +27,13 @@ def metric_needs_reference(metric_opt: dict) -> bool:
     return metric_opt.get('type') not in NO_REFERENCE_METRICS
 
 
+def write_json(path: str, obj: dict) -> str:
+    """Write ``obj`` as indented JSON, atomically (a reader never sees half a file)."""
+    text = json.dumps(obj, indent=2) + '\n'
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+    return path
+
+
 class ValidationReport:
     """Collects per-image metric values of one dataset and writes ``<stem>.csv`` and ``<stem>.json``.
 
@@ -108,8 +115,7 @@ class ValidationReport:
         csv_path = os.path.join(folder, f'{stem}.csv')
         json_path = os.path.join(folder, f'{stem}.json')
         atomic_write(csv_path, lambda f: f.write(self.csv_text().encode('utf-8')))
-        summary = json.dumps(self.summary(**extra), indent=2) + '\n'
-        atomic_write(json_path, lambda f: f.write(summary.encode('utf-8')))
+        write_json(json_path, self.summary(**extra))
         return csv_path, json_path
 
 
@@ -167,6 +173,4 @@ class SetAverage:
         return out
 
     def write(self, path: str, **extra: Any) -> str:
-        text = json.dumps(self.summary(**extra), indent=2) + '\n'
-        atomic_write(path, lambda f: f.write(text.encode('utf-8')))
-        return path
+        return write_json(path, self.summary(**extra))
