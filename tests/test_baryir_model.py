@@ -264,13 +264,43 @@ def test_resume_reproduces_the_uninterrupted_run(workdir, tmp_path):
     assert state['source_names'] == ['noise', 'rain'] and len(state['rng']) == 1
 
 
+_RANK_DRIVER = textwrap.dedent('''
+    import os, sys, torch
+    import baryir_plugin
+    from baryir_plugin.models.baryir_model import BaryIRModel
+    from baryir_plugin.cli import main
+
+    folder = sys.argv[1]  # every rank writes its own copy of both networks at each save
+    original = BaryIRModel.save
+    def save(self, epoch, current_iter):
+        original(self, epoch, current_iter)
+        nets = {name: {k: v.detach().cpu().clone() for k, v in self.get_bare_model(net).state_dict().items()}
+                for name, net in (('net_g', self.net_g), ('net_potential', self.net_potential))}
+        torch.save(nets, os.path.join(folder, f"{current_iter}_rank{os.environ['RANK']}.pt"))
+    BaryIRModel.save = save
+    sys.exit(main(sys.argv[2:]))
+''')
+
+
 def test_demo_config_under_torchrun_gloo(tmp_path):
     load_script('make_demo_data').build(str(tmp_path / 'datasets' / 'demo'), preset='demo')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'baryir_plugin',
+    driver, ranks = tmp_path / 'driver.py', tmp_path / 'ranks'
+    driver.write_text(_RANK_DRIVER)
+    ranks.mkdir()
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver), str(ranks),
            'train', '-opt', str(REPO / 'options' / 'train_baryir_demo.yml'), '--launcher', 'pytorch', '--force_yml',
            'train:total_iter=4', 'logger:save_checkpoint_freq=2', 'logger:print_freq=1',
            'train:gather_embeddings=true', 'name=demo_ddp']
     run(cmd, cwd=tmp_path, timeout=600)
+    # Each rank trains on its own samples, so the ranks stay equal only if both networks' gradients
+    # (restoration network and potentials) are averaged across them at every step.
+    saved = {(it, r): torch.load(ranks / f'{it}_rank{r}.pt', weights_only=True) for it in (2, 4) for r in (0, 1)}
+    for it in (2, 4):
+        for net in ('net_g', 'net_potential'):
+            for key, value in saved[it, 0][net].items():
+                assert torch.equal(value, saved[it, 1][net][key]), f'{net}.{key} differs between ranks at iter {it}'
+    for net in ('net_g', 'net_potential'):
+        assert any(not torch.equal(v, saved[4, 0][net][k]) for k, v in saved[2, 0][net].items()), f'{net} did not train'
     exp = tmp_path / 'experiments' / 'demo_ddp'
     log = '\n'.join(p.read_text() for p in exp.glob('train_*.log'))
     assert 'World size (gpu number): 2' in log
