@@ -421,8 +421,6 @@ class BaryIRModel(SRModel):
         write_report = bool(val_opt.get('report', not self.opt['is_train']))
         report = ValidationReport(dataset_name, metric_opts, with_input=bool(val_opt.get('input_metrics', False)))
         logger = get_root_logger()
-        if metric_opts:
-            self._initialize_best_metric_results(dataset_name)
         for val_data in dataloader:
             img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
             self.feed_data(val_data)
@@ -457,23 +455,28 @@ class BaryIRModel(SRModel):
                     input_values[name] = float(calculate_metric(data, opt_))
             report.add(img_name, values, input_values, seconds)
 
-        self.metric_results = report.means()
-        for name, value in self.metric_results.items():
-            self._update_best_metric_result(dataset_name, name, value, current_iter)
+        self.metric_results = means = report.means()
+        input_means = report.means('input_') if report.with_input else {}
         if metric_opts:
-            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
-        if report.with_input and report.rows:
-            logger.info(f'Inputs of {dataset_name}: ' +
-                        ', '.join(f'{k}: {v:.4f}' for k, v in report.means('input_').items()))
+            self._log_means(dataset_name, means, input_means, current_iter, tb_logger)
         for name, reason in report.unavailable.items():
             logger.info(f'Validation {dataset_name}: {name} not reported ({reason}).')
         if write_report:
             folder, stem = self._report_location(dataset_name, current_iter)
             csv_path, json_path = report.write(folder, stem, **self._report_extra(current_iter))
             logger.info(f'Validation {dataset_name}: per-image metrics in {csv_path}, summary in {json_path}')
-        if self.set_average is not None and self.set_average.add(
-                current_iter, dataset_name, self.metric_results, report.means('input_') if report.with_input else None):
+        if self.set_average is not None and self.set_average.add(current_iter, dataset_name, means, input_means):
             self._log_set_average(current_iter, tb_logger, write_report)
+
+    def _log_means(self, label: str, means: dict, input_means: dict, current_iter, tb_logger) -> None:
+        """BasicSR's validation lines for ``label`` (means, best values, TensorBoard), then its inputs' means."""
+        self.metric_results = means  # what BasicSR's _log_validation_metric_values reads
+        self._initialize_best_metric_results(label)
+        for name, value in means.items():
+            self._update_best_metric_result(label, name, value, current_iter)
+        self._log_validation_metric_values(current_iter, label, tb_logger)
+        if input_means:
+            get_root_logger().info(f'Inputs of {label}: ' + ', '.join(f'{k}: {v:.4f}' for k, v in input_means.items()))
 
     def _log_set_average(self, current_iter, tb_logger, write_report: bool) -> None:
         """Log (and report) the mean over the ``val.average`` sets, once the last of them has reported."""
@@ -484,14 +487,9 @@ class BaryIRModel(SRModel):
         partial = ''.join(f'; {metric} over {len(sets)} of them ({", ".join(sets)})'
                           for metric, (_, sets) in means.items() if len(sets) < len(average.names))
         logger.info(f'Validation average: mean of the set means of {", ".join(average.names)}{partial}')
-        self.metric_results = {metric: value for metric, (value, _) in means.items()}
-        self._initialize_best_metric_results('average')
-        for metric, value in self.metric_results.items():
-            self._update_best_metric_result('average', metric, value, current_iter)
-        self._log_validation_metric_values(current_iter, 'average', tb_logger)
-        inputs = average.input_means()
-        if inputs:
-            logger.info('Inputs of average: ' + ', '.join(f'{k}: {v:.4f}' for k, (v, _) in inputs.items()))
+        inputs = {metric: value for metric, (value, _) in average.input_means().items()}
+        self._log_means('average', {metric: value for metric, (value, _) in means.items()}, inputs,
+                        current_iter, tb_logger)
         if write_report:
             folder, stem = self._report_location('average', current_iter)
             path = average.write(osp.join(folder, f'{stem}.json'), **self._report_extra(current_iter))
