@@ -10,7 +10,8 @@ Patches (name: what breaks without it):
   which ``basicsr.data.degradations`` imports, so ``import basicsr`` dies.
 - ``resume_state``: resuming maps every storage to ``torch.cuda.current_device()`` (fails without a GPU),
   and torch >= 2.6 loads with ``weights_only=True``; training states are loaded onto the model's device
-  with an explicit allow-list instead.
+  with an explicit allow-list instead. The same hook (it runs before any dataset is built) copies the
+  run's ``manual_seed`` into the train set's options and checks its loader options.
 - ``init_dist``: BasicSR hard-codes NCCL and ``torch.cuda.set_device``; we pick NCCL only when CUDA is
   available (device from LOCAL_RANK), gloo otherwise, and stop forcing the 'spawn' start method on CPU.
 - ``ddp_device_ids``: DistributedDataParallel is given CUDA ``device_ids`` even for CPU modules.
@@ -19,7 +20,9 @@ Patches (name: what breaks without it):
   loader iterator (and its workers); with persistent workers this can hang.
 - ``resume_position``: a resumed run restarts its epoch from the first batch; the sampler now skips the
   batches that were already trained on (with the random states BaryIRModel saves, a resumed run sees
-  the same data as an uninterrupted one).
+  the same data as an uninterrupted one). Its indices carry the epoch and the slot in the epoch
+  (``SampleIndex``), from which the plugin's datasets seed each sample's draws (fresh every epoch, and
+  independent of the number of loader workers).
 - ``optimizers``: BasicSR 1.4.2 only builds Adam; any ``torch.optim`` class is accepted by name.
 - ``atomic_save``: checkpoints and training states are written to a temporary file and renamed, so a
   crash mid-write never leaves a truncated ``.pth``/``.state`` behind.
@@ -99,9 +102,39 @@ def _find_latest_state(state_dir: str):
     return os.path.join(state_dir, f'{max(iters)}.state') if iters else None
 
 
+def check_loader_options(opt: dict) -> None:
+    """Check the DataLoader options BasicSR's build_dataloader reads from each dataset entry
+    (``pin_memory``, ``persistent_workers``), so a slip fails before anything is built, naming the option."""
+    for phase, data_opt in (opt.get('datasets') or {}).items():
+        if not isinstance(data_opt, dict):
+            continue
+        for key in ('pin_memory', 'persistent_workers'):
+            if key in data_opt and not isinstance(data_opt[key], bool):
+                raise ValueError(f'datasets.{phase}.{key} must be true or false, got {data_opt[key]!r}.')
+        if not data_opt.get('persistent_workers'):
+            continue
+        if phase != 'train':
+            raise ValueError(f'datasets.{phase}.persistent_workers: BasicSR loads evaluation sets without worker '
+                             'processes; drop the option there (it is for datasets.train).')
+        if not data_opt.get('num_worker_per_gpu'):
+            raise ValueError('datasets.train.persistent_workers: true needs worker processes; set '
+                             'num_worker_per_gpu > 0 or drop persistent_workers.')
+
+
+def _prepare_train_data(opt: dict) -> None:
+    """Give the train set the run's seed (per-sample draws, baryir_plugin/data/seeding.py) and check
+    the loader options. BasicSR calls load_resume_state after parsing the options and before it builds any
+    dataset, with or without a state to resume: the one place to complete the dataset options."""
+    check_loader_options(opt)
+    train_data = opt.get('datasets', {}).get('train')
+    if isinstance(train_data, dict) and opt.get('manual_seed') is not None:
+        train_data.setdefault('manual_seed', opt['manual_seed'])  # an explicit dataset-level seed wins
+
+
 def _load_resume_state(opt: dict):
     from basicsr.utils.misc import check_resume
 
+    _prepare_train_data(opt)
     if opt['auto_resume']:
         state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
         path = _find_latest_state(state_dir)
@@ -243,11 +276,17 @@ def _patch_lazy_prefetcher() -> None:
 def _resumable_sampler_class():
     from basicsr.data.data_sampler import EnlargedSampler
 
+    from .data.seeding import SampleIndex
+
     class ResumableEnlargedSampler(EnlargedSampler):
         """BasicSR's EnlargedSampler that, after a resume, skips the batches of the resumed epoch that
         were already trained on. BasicSR restarts that epoch from its first batch, so the data seen
         after a resume differs from an uninterrupted run. The position comes from the training state
-        (``resume_epoch``/``resume_iter``, put into the dataset's options by the resume patch)."""
+        (``resume_epoch``/``resume_iter``, put into the dataset's options by the resume patch).
+
+        The indices are BasicSR's (same order, same values) as :class:`SampleIndex` objects, which carry
+        the epoch and the slot (the index's value in the epoch's permutation, before ``% len(dataset)``);
+        the plugin's datasets seed each sample's draws from them."""
 
         def __init__(self, dataset, num_replicas, rank, ratio=1):
             super().__init__(dataset, num_replicas, rank, ratio)
@@ -255,8 +294,16 @@ def _resumable_sampler_class():
             opt = opt if isinstance(opt, dict) else {}
             self._resume = (opt.get('resume_epoch'), opt.get('resume_iter'), opt.get('batch_size_per_gpu'))
 
+        def _epoch_indices(self) -> list:
+            # EnlargedSampler.__iter__, keeping each slot beside its dataset index
+            g = torch.Generator()
+            g.manual_seed(self.epoch)
+            slots = torch.randperm(self.total_size, generator=g)[self.rank:self.total_size:self.num_replicas]
+            size = len(self.dataset)
+            return [SampleIndex(slot % size, self.epoch, slot) for slot in slots.tolist()]
+
         def __iter__(self):
-            indices = list(super().__iter__())
+            indices = self._epoch_indices()
             epoch, it, batch = self._resume
             if it is not None and batch and epoch == self.epoch:
                 self._resume = (None, None, None)  # only the first resumed epoch is partial

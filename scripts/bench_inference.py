@@ -16,8 +16,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, __import__('os').path.dirname(__file__))
-from bench_train_step import _machine  # noqa: E402  (same machine line as the training benchmark)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs[fmt] = out.float().cpu()
         rows.append((fmt, statistics.median(times), min(times), max(times)))
     params = sum(p.numel() for p in net.parameters())
-    print(f'machine: {_machine(args.device)}')
+    from baryir_plugin.analysis import machine_line
+    print(f'machine: {machine_line(args.device)}')
     print(f'BaryIR dim {args.dim}, blocks {args.num_blocks}, {params:,} parameters, input 1x3x{args.size[0]}x'
           f'{args.size[1]}, device {args.device}, {args.iters} timed forwards after {args.warmup} warm-up')
     print(f'{"format":<14} {"median s":>9} {"min s":>8} {"max s":>8}')

@@ -1,103 +1,41 @@
 #!/usr/bin/env python
-"""Time BaryIRModel training iterations and their peak memory, for each potential-step mode.
+"""Time BaryIRModel training iterations and their peak memory in several training modes, in one run.
 
-Each mode runs in its own process (so peak memory is its own): a BaryIRModel at the given network
-config, K sources and random batches of the given size and crop; ``--warmup`` iterations are discarded,
-then the median (and min/max) of ``--iters`` timed iterations is reported. Peak memory is
-torch.cuda.max_memory_allocated on a GPU and the process's peak resident set size on the CPU.
+Each mode runs in a fresh process (so its peak memory is its own), one after the other on the same
+machine: ``--warmup`` iterations are discarded, then the median (and min/max) of ``--iters`` timed
+iterations is reported, with the ratio of both to the first mode (the baseline: ``base`` = float32,
+recompute, contiguous, uncompiled, no checkpointing, i.e. the defaults). Modes are ``+``-joined tokens:
+reuse, cl, bf16, fp16, compile, ckpt, ckpt-full-res, foreach (baryir_plugin/analysis/train_benchmark.py).
+Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak resident set size on
+the CPU. ``--rounds 2`` runs the modes twice, the second time in reverse order, and reports the median
+over both rounds' iterations.
 
-    python scripts/bench_train_step.py                       # default BaryIR (dim 48), batch 3, crop 128
-    python scripts/bench_train_step.py --dim 8 --num-blocks 1 1 1 1 --batch 4 --crop 64 --iters 10
-    python scripts/bench_train_step.py --device cuda --bf16  # on a GPU
+    python scripts/bench_train_step.py                                 # default BaryIR, batch 3, crop 128
+    python scripts/bench_train_step.py --modes base reuse bf16+cl+reuse --iters 5
+    python scripts/bench_train_step.py --dim 8 --num-blocks 1 1 1 1 --num-refinement-blocks 1 --crop 64
+    python scripts/bench_train_step.py --device cuda --modes base bf16+cl+reuse fp16+cl+reuse --json out.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
-MODES = ('reuse', 'recompute')
-
-
-def _machine(device: str) -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    text = (f'{platform.node()} | {cpu} | {os.cpu_count()} cores, torch threads {torch.get_num_threads()} | '
-            f'python {platform.python_version()} | torch {torch.__version__}')
-    if device == 'cuda':
-        text += f' | {torch.cuda.get_device_name()}'
-    return text
+DEFAULT_MODES = ['base', 'reuse', 'cl', 'cl+reuse', 'bf16', 'bf16+cl', 'bf16+cl+reuse', 'ckpt', 'ckpt-full-res']
 
 
-def _run_mode(args: argparse.Namespace) -> dict:
-    import torch
-
-    import baryir_plugin  # noqa: F401
-    from baryir_plugin.models.baryir_model import BaryIRModel
-
-    k = args.sources
-    names = [f'source{i}' for i in range(k)]
-    BaryIRModel._source_stats = lambda self: (names, [1] * k, names)  # no dataset: K balanced sources
-    opt = {
-        'name': 'bench', 'model_type': 'BaryIRModel', 'is_train': True, 'dist': False, 'rank': 0, 'world_size': 1,
-        'num_gpu': 1 if args.device == 'cuda' else 0, 'scale': 1,
-        'datasets': {'train': {'type': 'AllInOneDataset'}},
-        'network_g': {'type': 'BaryIR', 'dim': args.dim, 'num_blocks': args.num_blocks,
-                      'num_refinement_blocks': args.num_refinement_blocks, 'num_bary_blocks': args.num_bary_blocks},
-        'network_potential': {'type': 'BarycenterPotentials', 'num_potentials': k, 'in_channels': 8 * args.dim,
-                              'patch_size': args.crop},
-        'path': {'models': '.', 'training_states': '.'},
-        'train': {'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}, 'potential_step': args.mode,
-                  'scheduler': {'type': 'MultiStepLR', 'milestones': [10 ** 9], 'gamma': 0.1}},
-    }
-    model = BaryIRModel(opt)
-    device = model.device
-    gen = torch.Generator().manual_seed(0)
-
-    def batch() -> dict:
-        gt = torch.rand(args.batch, 3, args.crop, args.crop, generator=gen)
-        ids = torch.arange(args.batch) % k
-        return {'lq': (gt + 0.1 * torch.randn(gt.shape, generator=gen)).clamp(0, 1), 'gt': gt,
-                'source_id': ids, 'degradation_id': ids}
-
-    def sync() -> None:
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    times = []
-    for i in range(args.warmup + args.iters):
-        model.feed_data(batch())
-        sync()
-        start = time.perf_counter()
-        with autocast:
-            model.optimize_parameters(i + 1)
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {'mode': args.mode, 'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times),
-            'peak_mib': peak, 'params_g': sum(p.numel() for p in model.net_g.parameters()),
-            'params_potential': sum(p.numel() for p in model.net_potential.parameters()),
-            'machine': _machine(device.type)}
+def _config(args: argparse.Namespace):
+    from baryir_plugin.analysis import BenchConfig
+    return BenchConfig(dim=args.dim, num_blocks=tuple(args.num_blocks),
+                       num_refinement_blocks=args.num_refinement_blocks,
+                       num_bary_blocks=args.num_bary_blocks, sources=args.sources, batch=args.batch, crop=args.crop,
+                       device=args.device)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dim', type=int, default=48)
     parser.add_argument('--num-blocks', type=int, nargs=4, default=[4, 6, 6, 8])
@@ -106,34 +44,83 @@ def main(argv=None) -> int:
     parser.add_argument('--sources', type=int, default=3, help='K, the number of degradation sources')
     parser.add_argument('--batch', type=int, default=3)
     parser.add_argument('--crop', type=int, default=128)
-    parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--iters', type=int, default=3)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--iters', type=int, default=5)
+    parser.add_argument('--rounds', type=int, default=1, choices=(1, 2))
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    parser.add_argument('--bf16', action='store_true', help='bf16 autocast around the training step')
-    parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
-    parser.add_argument('--mode', choices=MODES, help=argparse.SUPPRESS)  # internal: one mode, JSON out
+    parser.add_argument('--modes', nargs='+', default=DEFAULT_MODES,
+                        help='modes to compare; the first is the baseline of the ratios')
+    parser.add_argument('--json', help='also write the rows to this JSON file')
+    parser.add_argument('--one-mode', help=argparse.SUPPRESS)  # internal: run one mode, print its JSON row
     args = parser.parse_args(argv)
+    from baryir_plugin.analysis import mode_options
+    for mode in ([args.one_mode] if args.one_mode else args.modes):
+        try:
+            mode_options(mode)
+        except ValueError as e:
+            parser.error(str(e))
+    return args
 
-    if args.mode:
-        print(json.dumps(_run_mode(args)))
+
+def _child_argv(argv: list[str], mode: str) -> list[str]:
+    """This run's arguments without --modes/--json/--rounds, plus the one mode to run."""
+    out, skip = [], False
+    for a in argv:
+        if a in ('--modes', '--json', '--rounds'):
+            skip = True
+            continue
+        if skip and not a.startswith('--'):
+            continue
+        skip = False
+        out.append(a)
+    return out + ['--one-mode', mode]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.one_mode:
+        from baryir_plugin.analysis import run_mode
+        print(json.dumps(run_mode(_config(args), args.one_mode, args.warmup, args.iters)))
         return 0
-    rows = []
-    for mode in args.modes:
-        cmd = [sys.executable, os.path.abspath(__file__), '--mode', mode] + [a for a in (argv or sys.argv[1:])
-                                                                               if a != '--modes' and a not in MODES]
+    order = list(args.modes) + (list(reversed(args.modes)) if args.rounds == 2 else [])
+    results: dict[str, list[dict]] = {m: [] for m in args.modes}
+    for mode in order:
+        cmd = [sys.executable, os.path.abspath(__file__)] + _child_argv(argv, mode)
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
+            print(f'mode {mode} failed:\n{out.stderr[-4000:]}', file=sys.stderr)
             return out.returncode
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f'machine: {rows[0]["machine"]}')
-    print(f'config: dim {args.dim}, blocks {args.num_blocks}, refinement {args.num_refinement_blocks}, '
-          f'T blocks {args.num_bary_blocks or "num_blocks[3]"}, K {args.sources}, batch {args.batch}, crop {args.crop}, '
-          f'{args.device}{" bf16" if args.bf16 else ""}; params net_g {rows[0]["params_g"]:,}, potentials '
-          f'{rows[0]["params_potential"]:,}; {args.warmup} warm-up + {args.iters} timed iterations')
-    print(f'{"potential step":<16}{"median s/iter":>14}{"min":>9}{"max":>9}{"peak MiB":>11}')
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        results[mode].append(row)
+        print(f'[{mode}] {row["median_s"]:.3f} s/iter, peak {row["peak_mib"]:.0f} MiB', file=sys.stderr, flush=True)
+
+    rows = []
+    for mode in args.modes:
+        runs = results[mode]
+        rows.append({'mode': mode, 'median_s': statistics.median(r['median_s'] for r in runs),
+                     'min_s': min(r['min_s'] for r in runs), 'max_s': max(r['max_s'] for r in runs),
+                     'peak_mib': max(r['peak_mib'] for r in runs), 'finite': all(r['finite'] for r in runs),
+                     'compiled': runs[0]['compiled']})
+    base = rows[0]
+    first = results[args.modes[0]][0]
+    print(f'machine: {first["machine"]}')
+    print(f'config: {_config(args).describe()}; params net_g {first["params_g"]:,}, potentials '
+          f'{first["params_potential"]:,}; {args.warmup} warm-up + {args.iters} timed iterations per mode'
+          f'{", 2 rounds (second in reverse order)" if args.rounds == 2 else ""}; ratios against {base["mode"]}')
+    print(f'{"mode":<22}{"median s/iter":>14}{"min":>8}{"max":>8}{"x time":>8}{"peak MiB":>10}{"x mem":>7}  note')
     for r in rows:
-        print(f'{r["mode"]:<16}{r["median_s"]:>14.3f}{r["min_s"]:>9.3f}{r["max_s"]:>9.3f}{r["peak_mib"]:>11.0f}')
+        note = []
+        if not r['finite']:
+            note.append('NON-FINITE LOSS')
+        if 'compile' in r['mode'] and not r['compiled']:
+            note.append('compile unavailable: ran eagerly')
+        print(f'{r["mode"]:<22}{r["median_s"]:>14.3f}{r["min_s"]:>8.3f}{r["max_s"]:>8.3f}'
+              f'{r["median_s"] / base["median_s"]:>8.2f}{r["peak_mib"]:>10.0f}{r["peak_mib"] / base["peak_mib"]:>7.2f}'
+              f'  {", ".join(note)}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'machine': first['machine'], 'config': _config(args).describe(), 'rows': rows}, f, indent=1)
     return 0
 
 

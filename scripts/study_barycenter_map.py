@@ -202,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                                        opts_dir / f'{name}_test.out')
         summaries[label] = load_summaries(out / 'results' / f'{name}_eval')
 
-    sys.path.insert(0, str(REPO / 'scripts'))
-    from bench_train_step import _machine  # the benchmarks' machine line
-    machine = _machine('cpu')
+    from baryir_plugin.analysis import machine_line  # the benchmarks' machine line
+    machine = machine_line('cpu')
     text = (f'BaryIR dim {args.dim}, sources {args.sources}, {args.iters} iterations per arm, '
             f'evaluated on {args.eval}, machine: {machine}\n'
             + ''.join(f'{k}: train {v["train_s"]:.0f} s, eval {v["eval_s"]:.0f} s\n' for k, v in timing.items())

@@ -55,6 +55,20 @@ def workdir(tmp_path, tiny_dataset) -> Path:
     return tmp_path
 
 
+def copy_for_resume(workdir: Path, dest: Path, iteration: int = 2, name: str = 'baryir_model_tiny') -> Path:
+    """A fresh project folder ``dest`` holding only the checkpoints and training state that the run in
+    ``workdir`` saved at ``iteration`` (and the same datasets), for ``--auto_resume`` from there."""
+    src = workdir / 'experiments' / name
+    exp = dest / 'experiments' / name
+    (exp / 'models').mkdir(parents=True)
+    (exp / 'training_states').mkdir()
+    for net in ('net_g', 'net_potential'):
+        shutil.copy(src / 'models' / f'{net}_{iteration}.pth', exp / 'models' / f'{net}_{iteration}.pth')
+    shutil.copy(src / 'training_states' / f'{iteration}.state', exp / 'training_states' / f'{iteration}.state')
+    (dest / 'datasets').symlink_to(workdir / 'datasets')
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -106,3 +106,28 @@ def test_options_are_validated_and_registered():
         PotentialLoss(congruence_on='first')
     for name in ('MWBLoss', 'PotentialLoss', 'IRCLoss', 'BROLoss', 'TransportCostLoss'):
         assert type(build_loss({'type': name})).__name__ == name
+
+
+@pytest.mark.parametrize('cost', ['rms', 'l2'])
+def test_square_root_costs_have_a_finite_gradient_where_z_equals_z_bary(cost):
+    """sqrt has an infinite derivative at 0: at z == zB the gradient used to be 0 * inf = NaN."""
+    z = _rand(3, *SHAPE).requires_grad_()
+    zb = z.detach().clone()
+    zb[1] += 0.5  # one sample away from its barycenter latent, two on it
+    zb_var = zb.clone().requires_grad_()
+    MWBLoss(cost=cost)(z, zb_var, torch.zeros(3)).backward()
+    for grad in (z.grad, zb_var.grad):
+        assert torch.isfinite(grad).all()
+        assert grad[0].abs().max() == 0 and grad[2].abs().max() == 0 and grad[1].abs().max() > 0
+    assert TransportCostLoss(cost=cost, reduction='none')(z, zb)[0].item() < 1e-11
+
+
+def test_bro_mean_over_the_bank_does_not_grow_with_the_batch():
+    zb, s = _rand(4, *SHAPE), _rand(4, *SHAPE)
+    twice_zb, twice_s = torch.cat([zb, zb]), torch.cat([s, s])  # the same samples, a batch twice as large
+    summed, mean = BROLoss(), BROLoss(bank_reduction='mean')
+    assert summed(twice_zb, twice_s).item() == pytest.approx(2 * summed(zb, s).item(), rel=1e-10)
+    assert mean(twice_zb, twice_s).item() == pytest.approx(mean(zb, s).item(), rel=1e-10)
+    assert mean(zb, s).item() == pytest.approx(summed(zb, s).item() / 4, rel=1e-10)
+    with pytest.raises(ValueError, match='bank_reduction'):
+        BROLoss(bank_reduction='max')

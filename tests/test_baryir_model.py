@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import textwrap
 from collections import Counter
@@ -18,7 +17,7 @@ from basicsr.models import build_model
 
 from baryir_plugin.models import barycenter_weights
 
-from .conftest import OPTIONS, REPO, load_script, run
+from .conftest import OPTIONS, REPO, copy_for_resume, load_script, run
 
 MODEL_YML = OPTIONS / 'train_baryir_model.yml'
 
@@ -161,19 +160,21 @@ def test_training_step_updates_the_right_networks(workdir, monkeypatch):
 
     g0, p0 = _snapshot(model.net_g), _snapshot(model.net_potential)
     losses = model.network_step()
-    assert {'l_pix', 'l_mwb', 'l_irc', 'l_bro', 'transport_cost', 'f_noise', 'f_rain'} <= set(losses)
+    assert {'l_pix', 'l_mwb', 'l_irc', 'l_bro', 'transport_cost'} <= set(losses)
     assert _changed(g0, model.net_g, 'bary_map.') and _changed(g0, model.net_g, 'encoder1.')
     assert _changed(g0, model.net_g, 'latent.')
     assert not _changed(p0, model.net_potential), 'the network step must not move the potentials'
 
     g1 = _snapshot(model.net_g)
     losses = model.potential_step()
-    assert set(losses) == {'l_potential', 'congruence'}
+    assert set(losses) == {'l_potential', 'l_congruence', 'congruence'}
     assert _changed(p0, model.net_potential, 'fc1_weight') and _changed(p0, model.net_potential, 'conv_weight')
     assert not _changed(g1, model.net_g), 'the potential step must not move the network'
 
     model.optimize_parameters(1)
-    assert all(isinstance(v, float) for v in model.log_dict.values())
+    log = model.get_current_log()
+    assert {'l_pix', 'l_mwb', 'l_potential', 'f_noise', 'f_rain'} <= set(log)
+    assert all(isinstance(v, float) for v in log.values())
 
 
 def test_without_sources_one_potential_and_irc_skipped(workdir, monkeypatch, caplog):
@@ -188,7 +189,8 @@ def test_without_sources_one_potential_and_irc_skipped(workdir, monkeypatch, cap
     ds = build_dataset(opt['datasets']['train'])
     model.feed_data(next(iter(torch.utils.data.DataLoader(ds, batch_size=2))))
     model.optimize_parameters(1)
-    assert 'l_irc' not in model.log_dict and 'l_mwb' in model.log_dict
+    log = model.get_current_log()
+    assert 'l_irc' not in log and 'l_mwb' in log
 
     opt['network_potential']['num_potentials'] = 3
     with pytest.raises(ValueError, match='num_potentials is 3 but the training data has 1 source'):
@@ -224,7 +226,7 @@ _DRIVER = textwrap.dedent('''
     def recording(self, current_iter):
         original(self, current_iter)
         with open(record, 'a') as f:
-            f.write(json.dumps({'iter': current_iter, **self.log_dict}) + '\\n')
+            f.write(json.dumps({'iter': current_iter, **self.get_current_log()}) + '\\n')
     BaryIRModel.optimize_parameters = recording
     sys.exit(main(sys.argv[2:]))
 ''')
@@ -242,15 +244,8 @@ def test_resume_reproduces_the_uninterrupted_run(workdir, tmp_path):
     straight = tmp_path / 'straight.jsonl'
     run([sys.executable, str(driver), str(straight), 'train', '-opt', str(MODEL_YML)], cwd=workdir)
 
-    resumed_dir = tmp_path / 'resumed'
-    exp = resumed_dir / 'experiments' / 'baryir_model_tiny'
-    (exp / 'models').mkdir(parents=True)
-    (exp / 'training_states').mkdir()
+    resumed_dir = copy_for_resume(workdir, tmp_path / 'resumed')
     src = workdir / 'experiments' / 'baryir_model_tiny'
-    for name in ('net_g_2.pth', 'net_potential_2.pth'):
-        shutil.copy(src / 'models' / name, exp / 'models' / name)
-    shutil.copy(src / 'training_states' / '2.state', exp / 'training_states' / '2.state')
-    (resumed_dir / 'datasets').symlink_to(workdir / 'datasets')
     resumed = tmp_path / 'resumed.jsonl'
     run([sys.executable, str(driver), str(resumed), 'train', '-opt', str(MODEL_YML), '--auto_resume'], cwd=resumed_dir)
 
@@ -349,16 +344,38 @@ def test_potential_log_skips_sources_missing_from_the_batch(workdir, monkeypatch
     both = _batch(opt)
     only = {k: v[both['source_id'] == 0] for k, v in both.items() if torch.is_tensor(v)}
     model.feed_data(only)
-    losses = model.network_step()
-    assert torch.isnan(losses['f_rain'])  # no rain sample seen yet: not a number, not 0
+    model.optimize_parameters(1)
+    assert np.isnan(model.get_current_log()['f_rain'])  # no rain sample seen yet: not a number, not 0
     model.feed_data(both)
     with torch.no_grad():
         z_bary = model.net_g(model.lq, return_latents=True)[2]
         scores = model.net_potential(z_bary, model.source_id)
     expected = scores[model.source_id == 1].mean()
-    losses = model.network_step()
-    assert float(losses['f_rain']) == pytest.approx(float(expected), abs=1e-6)
+    model.optimize_parameters(2)
+    assert model.get_current_log()['f_rain'] == pytest.approx(float(expected), abs=1e-6)
     model.feed_data(only)
-    losses = model.network_step()
-    assert float(losses['f_rain']) == pytest.approx(float(expected), abs=1e-6)  # kept, not reset to 0
-    assert not torch.isnan(losses['f_noise'])
+    model.optimize_parameters(3)
+    log = model.get_current_log()
+    assert log['f_rain'] == pytest.approx(float(expected), abs=1e-6)  # kept, not reset to 0
+    assert not np.isnan(log['f_noise'])
+
+
+def test_log_is_the_interval_mean_read_once(workdir, monkeypatch):
+    """The step keeps its loss values on the device; get_current_log averages them over the interval."""
+    monkeypatch.chdir(workdir)
+    opt = _opt(workdir)
+    model = build_model(opt)
+    model.feed_data(_batch(opt))
+    seen = []
+    original = model.network_step
+
+    def recording():
+        losses = original()
+        seen.append(float(losses['l_pix']))
+        return losses
+    model.network_step = recording
+    for it in (1, 2, 3):
+        model.optimize_parameters(it)
+    assert all(torch.is_tensor(v) for v in model.interval_log.sums.values())
+    assert model.get_current_log()['l_pix'] == pytest.approx(sum(seen) / 3, rel=1e-6)
+    assert not model.interval_log  # emptied by the read

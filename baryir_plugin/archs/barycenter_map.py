@@ -1,7 +1,7 @@
 """The barycenter map T: latent z -> barycenter latent (before the shared LayerNorm).
 
-The reference uses a stack of Restormer blocks at the latent width (paper 003, Sec. III-B);
-the journal's ablation (paper 003, Tab. XI) compares it with an MLP, a plain convolutional map and
+The reference uses a stack of Restormer blocks at the latent width (BaryIR journal, Sec. III-B);
+the journal's ablation (BaryIR journal, Tab. XI) compares it with an MLP, a plain convolutional map and
 a standard ViT. All variants keep the (B, C, h, w) shape and are residual, so T starts near the
 identity map whatever its depth.
 """

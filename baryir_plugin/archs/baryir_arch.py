@@ -1,6 +1,6 @@
 """BaryIR: all-in-one restoration in a continuous Wasserstein-barycenter latent space.
 
-The network (paper 002, Fig. 2; paper 003, Sec. III) is a Restormer U-Net whose bottleneck latent z
+The network (BaryIR NeurIPS, Fig. 2; BaryIR journal, Sec. III) is a Restormer U-Net whose bottleneck latent z
 is mapped by the barycenter map T to a degradation-agnostic barycenter latent zB = LN(T(z)); the
 residual s = z - zB keeps what is specific to the degradation. The decoder restores from zB and s,
 and a second, light decoder turns s into per-level residual features added to the skips.
@@ -76,7 +76,7 @@ class BaryIR(nn.Module):
             ``'original'`` (z only, no T: the plain Restormer-style baseline), ``'barycenter'`` (zB only)
             or ``'original+residual'`` (z and s).
         zero_features: test-time ablation: ``'barycenter'`` or ``'residual'`` features are replaced by
-            zeros before they reach the decoder (paper 003, Fig. 9); ``None`` for normal use.
+            zeros before they reach the decoder (BaryIR journal, Fig. 9); ``None`` for normal use.
             Settable after construction through :meth:`set_zero_features`.
     """
 
@@ -122,7 +122,7 @@ class BaryIR(nn.Module):
         self.encoder3 = transformer_stage(nb[2], 4 * d, hd[2], ffn, norm)
         self.down3 = Downsample(4 * d)
         self.latent = transformer_stage(nb[3], 8 * d, hd[3], ffn, norm)
-        self.latent_norm = LayerNorm2d(8 * d, norm)  # shared by z and zB (paper 003, Eq. 5)
+        self.latent_norm = LayerNorm2d(8 * d, norm)  # shared by z and zB (BaryIR journal, Eq. 5)
 
         # Barycenter map T
         if self.uses_barycenter:

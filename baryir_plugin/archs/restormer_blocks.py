@@ -7,9 +7,15 @@ parameter layout is stable, so official checkpoints map onto them with a plain k
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .precision import fp32_region, in_fp32
 
 LAYER_NORM_TYPES = ('WithBias', 'BiasFree')
 
@@ -34,13 +40,22 @@ class LayerNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels)) if norm_type == 'WithBias' else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            # contiguous(): a channels-last result would give the following convs' weight gradients
-            # strides that DistributedDataParallel's buckets do not expect.
-            return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias,
-                                self.eps).permute(0, 3, 1, 2).contiguous()
-        var = x.var(dim=1, keepdim=True, unbiased=False)
-        return x * torch.rsqrt(var + self.eps) * self.weight.view(1, -1, 1, 1)
+        if in_fp32('layernorm', x):
+            x = x.float()
+        if self.bias is None:
+            var = x.var(dim=1, keepdim=True, unbiased=False)
+            return x * torch.rsqrt(var + self.eps) * self.weight.view(1, -1, 1, 1)
+        out = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias,
+                           self.eps).permute(0, 3, 1, 2)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # (B, H, W, C) in memory: the channel axis is innermost, so LayerNorm ran on a view and its
+            # result is channels-last again: no copy in either direction.
+            return out
+        # (B, C, H, W) in memory: the normalised axis is strided, so layer_norm copies its input, and the
+        # result is copied back to the input's layout; a channels-last result would otherwise spread to
+        # the following convolutions and give their weight gradients strides DDP's buckets do not expect.
+        # (Statistics over dim 1 without the permute measured no faster, with more saved activations.)
+        return out.contiguous()
 
 
 class Attention(nn.Module):
@@ -60,14 +75,15 @@ class Attention(nn.Module):
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        # (B, heads, C/heads, H*W)
-        q = F.normalize(q.reshape(b, self.num_heads, c // self.num_heads, h * w), dim=-1)
-        k = F.normalize(k.reshape(b, self.num_heads, c // self.num_heads, h * w), dim=-1)
-        v = v.reshape(b, self.num_heads, c // self.num_heads, h * w)
-        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)  # (B, heads, C/h, C/h)
-        return self.project_out((attn @ v).reshape(b, c, h, w))
+        h = x.shape[-2]
+        q, k, v = (rearrange(t, 'b (head c) h w -> b head c (h w)', head=self.num_heads)
+                   for t in self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1))
+        with fp32_region('attention', q) as upcast:
+            if upcast:
+                q, k = q.float(), k.float()
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)  # (B, heads, C/h, C/h)
+        return self.project_out(rearrange(attn @ v, 'b head c (h w) -> b (head c) h w', h=h))
 
 
 class FeedForward(nn.Module):
@@ -100,10 +116,57 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+class TransformerStage(nn.Sequential):
+    """TransformerBlocks at one width, applied in sequence.
+
+    ``checkpoint_every = n`` (set through :func:`set_activation_checkpointing`) keeps only the input of
+    each run of n blocks during training and recomputes the run's activations in the backward pass:
+    less memory for one more forward of the stage. 0 (default) stores every activation, as usual.
+    """
+
+    checkpoint_every = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.checkpoint_every
+        if not (n and self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        for start in range(0, len(self), n):
+            x = checkpoint(self._run, x, start, start + n, use_reentrant=False)
+        return x
+
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for block in self[start:stop]:
+            x = block(x)
+        return x
+
+
 def transformer_stage(num_blocks: int, dim: int, num_heads: int, ffn_expansion_factor: float,
-                      norm_type: str) -> nn.Sequential:
+                      norm_type: str) -> TransformerStage:
     """``num_blocks`` TransformerBlocks at one width, applied in sequence."""
-    return nn.Sequential(*[TransformerBlock(dim, num_heads, ffn_expansion_factor, norm_type) for _ in range(num_blocks)])
+    return TransformerStage(*[TransformerBlock(dim, num_heads, ffn_expansion_factor, norm_type)
+                              for _ in range(num_blocks)])
+
+
+def transformer_stages(net: nn.Module) -> dict[str, TransformerStage]:
+    """The network's Restormer stages by module name (``encoder1``, ``bary_map.blocks``, ...)."""
+    return {name: m for name, m in net.named_modules() if isinstance(m, TransformerStage) and len(m)}
+
+
+def set_activation_checkpointing(net: nn.Module, stages: Optional[Sequence[str]] = None, every: int = 1) -> list[str]:
+    """Checkpoint the named stages of ``net`` (all of them when ``stages`` is None) in runs of ``every``
+    blocks; ``every = 0`` switches it off. Returns the names of the stages it applies to."""
+    found = transformer_stages(net)
+    names = list(found) if stages is None else list(stages)
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise ValueError(f'train.checkpointing.stages: {unknown} are not stages of this network; its stages are '
+                         f'{list(found)}.')
+    if not isinstance(every, int) or every < 0:
+        raise ValueError(f'train.checkpointing.every must be an integer >= 0 (blocks per recomputed run), '
+                         f'got {every!r}.')
+    for name, stage in found.items():
+        stage.checkpoint_every = every if name in names else 0
+    return names
 
 
 class Downsample(nn.Module):

@@ -3,7 +3,8 @@ from .all_in_one_dataset import AllInOneDataset
 from .degradations import DEGRADATIONS, degrade, gaussian_noise
 from .jpeg_dataset import JPEGCompressionDataset
 from .noise_dataset import GaussianNoiseDataset
+from .seeding import SampleIndex
 from .stem_matched_dataset import StemMatchedPairedDataset
 
-__all__ = ['AllInOneDataset', 'DEGRADATIONS', 'GaussianNoiseDataset', 'JPEGCompressionDataset',
+__all__ = ['AllInOneDataset', 'DEGRADATIONS', 'GaussianNoiseDataset', 'JPEGCompressionDataset', 'SampleIndex',
            'StemMatchedPairedDataset', 'degrade', 'gaussian_noise']

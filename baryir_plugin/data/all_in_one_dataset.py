@@ -1,4 +1,4 @@
-"""A mixture of K degradation sources for all-in-one training (method.md Sec. 6)."""
+"""A mixture of K degradation sources for all-in-one training."""
 from __future__ import annotations
 
 import bisect
@@ -12,6 +12,8 @@ from basicsr.data import build_dataset
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
+
+from .seeding import check_seed, sample_draws
 
 # Options every source inherits from the AllInOneDataset entry unless it sets its own.
 _SHARED_KEYS = ('phase', 'scale', 'gt_size', 'use_hflip', 'use_rot', 'io_backend', 'mean', 'std', 'color',
@@ -39,6 +41,12 @@ class AllInOneDataset(data.Dataset):
             offers, for degradations that treat the channels alike (noise, rain, haze, blur, low light);
             leave it off where the channels differ physically (underwater colour casts) or when
             ``mean``/``std`` normalise per channel.
+        manual_seed: the run's seed (BasicSR's top-level ``manual_seed``, copied here by the compat
+            patches; set it yourself when you build the dataset outside BasicSR's training pipeline).
+            With it, a training sample indexed by the plugin's sampler (a ``SampleIndex``, which carries
+            the epoch) draws its crop, flips, noise and channel order from a hash of (seed, epoch,
+            slot): fresh draws every epoch, and the same draws whatever the number of loader workers,
+            ``persistent_workers`` or a resume. A plain integer index draws from the global streams.
 
     Every sample gets ``source_id`` (index in ``source_names``) and ``degradation_id`` (index in
     ``degradation_names``). ``source_counts`` are the per-source sample counts after repeats, from which
@@ -61,6 +69,8 @@ class AllInOneDataset(data.Dataset):
         self.degradation_names: list[str] = []
         self._label_ids: list[list[int]] = []  # per source: its local label index -> global degradation id
         self.channel_permute = bool(opt.get('channel_permute', False)) and opt.get('phase') == 'train'
+        who = f'AllInOneDataset ({opt.get("name", "unnamed")})'
+        self.seed = check_seed(opt, who) if opt.get('phase') == 'train' else None
         for i, entry in enumerate(entries):
             self._add_source(i, entry)
         self.source_counts = [len(ds) * r for ds, r in zip(self.sources, self.repeats)]
@@ -120,6 +130,10 @@ class AllInOneDataset(data.Dataset):
         return self._ends[-1]
 
     def __getitem__(self, index: int) -> dict:
+        with sample_draws(self.seed, index):
+            return self._sample(index)
+
+    def _sample(self, index: int) -> dict:
         if index < 0:
             index += len(self)
         source = bisect.bisect_right(self._ends, index)

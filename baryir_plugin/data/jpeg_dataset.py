@@ -10,6 +10,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
+from .seeding import check_seed, sample_draws
 from .stem_matched_dataset import clean_image_paths, open_file_client, read_clean_view
 
 
@@ -37,6 +38,8 @@ class JPEGCompressionDataset(data.Dataset):
         gt_size, use_hflip, use_rot: as in BasicSR's PairedImageDataset (flips default true).
         mean, std: optional per-channel normalisation of both images.
         scale: must be 1 or absent.
+        manual_seed: the run's seed; as the train set itself, each crop comes from (seed, epoch, slot) of
+            the plugin's sampler (see AllInOneDataset).
 
     Returns dicts with ``lq``, ``gt`` (RGB CHW float tensors in [0, 1]), ``lq_path``
     (``<stem>_q<quality><ext>``, a name for saved results) and ``gt_path``.
@@ -59,6 +62,7 @@ class JPEGCompressionDataset(data.Dataset):
             raise KeyError(f'{who}: option gt_size (training crop size) is required in the train phase.')
         self.mean = opt.get('mean')
         self.std = opt.get('std')
+        self.seed = check_seed(opt, who) if opt.get('phase') == 'train' else None
         self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.file_client = None
         self.paths = clean_image_paths(str(opt['dataroot_gt']), self.io_backend_opt, who)
@@ -67,6 +71,10 @@ class JPEGCompressionDataset(data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
+        with sample_draws(self.seed, index):
+            return self._sample(index)
+
+    def _sample(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         gt_path = self.paths[index]
         clean = read_clean_view(self.file_client, gt_path, self.opt)

@@ -10,6 +10,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
 from .degradations import gaussian_noise
+from .seeding import check_seed, sample_draws
 from .stem_matched_dataset import clean_image_paths, open_file_client, read_clean_view
 
 
@@ -28,6 +29,9 @@ class GaussianNoiseDataset(data.Dataset):
             noise each time; otherwise the whole image and noise fixed per (seed, index).
         gt_size, use_hflip, use_rot: as in BasicSR's PairedImageDataset.
         noise_seed: seed of the fixed test-time noise (default 0).
+        manual_seed: the run's seed; as the train set itself, each sample's crop, flips and noise then come
+            from (seed, epoch, slot) of the plugin's sampler (see AllInOneDataset). Inside an
+            AllInOneDataset the mixture does this for its sources.
 
     Returns dicts with ``lq``, ``gt`` (RGB CHW float tensors in [0, 1]), ``lq_path``, ``gt_path`` and
     ``degradation`` (the sigma index).
@@ -47,6 +51,7 @@ class GaussianNoiseDataset(data.Dataset):
         who = f'GaussianNoiseDataset ({opt.get("name", "unnamed")})'
         self.paths = clean_image_paths(str(opt['dataroot_gt']), self.io_backend_opt, who)
         self.noise_seed = int(opt.get('noise_seed', 0))
+        self.seed = check_seed(opt, who) if opt.get('phase') == 'train' else None
 
     @property
     def degradation_names(self) -> list[str]:
@@ -56,6 +61,10 @@ class GaussianNoiseDataset(data.Dataset):
         return len(self.paths) * len(self.sigmas)
 
     def __getitem__(self, index: int) -> dict:
+        with sample_draws(self.seed, index):
+            return self._sample(index)
+
+    def _sample(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         label, image_index = divmod(index, len(self.paths))
         sigma = self.sigmas[label]

@@ -12,6 +12,7 @@ from torch.utils import data
 from torchvision.transforms.functional import normalize
 
 from .layout import compile_rule, gt_stem, list_images, lmdb_keys, stem
+from .seeding import check_seed, sample_draws
 
 
 def open_file_client(io_backend_opt: dict) -> FileClient:
@@ -102,6 +103,8 @@ class StemMatchedPairedDataset(data.Dataset):
         color: 'y' for the Y channel only (as PairedImageDataset).
         scale: must be 1 or absent (restoration, not super-resolution).
         filename_tmpl: accepted only as '{}' (AllInOneDataset may pass it); use ``lq_to_gt`` instead.
+        manual_seed: the run's seed; as the train set itself, each crop and flip comes from (seed, epoch,
+            slot) of the plugin's sampler (see AllInOneDataset).
 
     Returns dicts with ``lq``, ``gt`` (RGB CHW float tensors in [0, 1]), ``lq_path`` and ``gt_path``
     (file paths, or LMDB keys).
@@ -125,6 +128,7 @@ class StemMatchedPairedDataset(data.Dataset):
         self.rule = compile_rule(self.rule_opt, f'{self.who}: lq_to_gt')
         self.mean = opt.get('mean')
         self.std = opt.get('std')
+        self.seed = check_seed(opt, self.who) if opt.get('phase') == 'train' else None
         # Copy: AllInOneDataset hands every source its own dict, but a plain entry must not see db_paths added.
         self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.file_client = None
@@ -175,6 +179,10 @@ class StemMatchedPairedDataset(data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
+        with sample_draws(self.seed, index):
+            return self._sample(index)
+
+    def _sample(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         lq_path, gt_path = self.paths[index]['lq_path'], self.paths[index]['gt_path']
         img_lq = read_image(self.file_client, lq_path, 'lq')

@@ -1,8 +1,8 @@
-"""Losses of the multi-source Wasserstein-barycenter objective (paper 003, Sec. III; method.md Sec. 4).
+"""Losses of the multi-source Wasserstein-barycenter objective (BaryIR journal, Sec. III).
 
 All losses take whole batches (no per-sample Python loops). ``weight`` is a per-sample weight, in
 BaryIR the barycenter weight lambda_k(i) of each sample's source; with reduction ``'mean'`` a loss is
-``loss_weight * mean_i(weight_i * term_i)``, so the terms of paper 003, Eq. 13 add up exactly:
+``loss_weight * mean_i(weight_i * term_i)``, so the terms of BaryIR journal, Eq. 13 add up exactly:
 
     L_net = L1 + w * mean_i lambda_k(i) [c_i + gamma (o_i + ctr_i) - f_k(i)(zB_i)]
           = L1 + w * (MWB + gamma * (BRO + IRC))        (each built with the same weights)
@@ -16,25 +16,34 @@ import torch.nn.functional as F
 from basicsr.utils.registry import LOSS_REGISTRY
 from torch import nn
 
+from baryir_plugin.archs.precision import fp32_region
+
 COSTS = ('rms', 'l2', 'squared_l2')
 REDUCTIONS = ('mean', 'sum', 'none')
+BANK_REDUCTIONS = ('sum', 'mean')
+_SQRT_FLOOR = 1e-24
 
 
 def transport_cost(z: torch.Tensor, z_bary: torch.Tensor, cost: str = 'rms') -> torch.Tensor:
-    """Per-sample cost c(z_i, zB_i), shape (B,).
+    """Per-sample cost c(z_i, zB_i), shape (B,), in float32 under autocast (see ``archs/precision.py``).
 
     ``rms``: sqrt(mean_{c,h,w} (z - zB)^2) (the reference); ``l2``: sqrt(sum (z - zB)^2);
     ``squared_l2``: mean (z - zB)^2, the squared distance of the W2 view normalised by the element
-    count so that its scale stays comparable to ``rms``.
+    count so that its scale stays comparable to ``rms``. The square roots have a zero (sub)gradient at
+    z == zB instead of the NaN of d sqrt(x)/dx at 0.
     """
-    sq = (z - z_bary).flatten(1).pow(2)
-    if cost == 'rms':
-        return sq.mean(dim=1).sqrt()
-    if cost == 'l2':
-        return sq.sum(dim=1).sqrt()
-    if cost == 'squared_l2':
-        return sq.mean(dim=1)
-    raise ValueError(f'transport cost must be one of {COSTS}, got {cost!r}.')
+    if cost not in COSTS:
+        raise ValueError(f'transport cost must be one of {COSTS}, got {cost!r}.')
+    with fp32_region('transport', z) as upcast:
+        if upcast:
+            z, z_bary = z.float(), z_bary.float()
+        sq = (z - z_bary).flatten(1).pow(2)
+        if cost == 'squared_l2':
+            return sq.mean(dim=1)
+        total = sq.mean(dim=1) if cost == 'rms' else sq.sum(dim=1)
+        # below _SQRT_FLOOR the clamp passes no gradient, so 0 * inf never happens; the value moves by
+        # at most sqrt(_SQRT_FLOOR) = 1e-12
+        return total.clamp_min(_SQRT_FLOOR).sqrt()
 
 
 def _check(name: str, value: str, allowed: tuple) -> str:
@@ -83,7 +92,7 @@ class TransportCostLoss(_WeightedLoss):
 
 @LOSS_REGISTRY.register()
 class MWBLoss(_WeightedLoss):
-    """Network side of the multi-source Wasserstein-barycenter objective (paper 003, Eq. 8):
+    """Network side of the multi-source Wasserstein-barycenter objective (BaryIR journal, Eq. 8):
     loss_weight * mean_i weight_i [c(z_i, zB_i) - f_k(i)(zB_i)], with the potentials frozen.
 
     Minimising it moves T(z) towards where the source's own potential is high at little transport
@@ -96,7 +105,12 @@ class MWBLoss(_WeightedLoss):
 
     def forward(self, z: torch.Tensor, z_bary: torch.Tensor, potential: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self._out(transport_cost(z, z_bary, self.cost) - potential, weight)
+        return self.from_cost(transport_cost(z, z_bary, self.cost), potential, weight)
+
+    def from_cost(self, cost: torch.Tensor, potential: torch.Tensor,
+                  weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The same loss from per-sample costs already computed with :func:`transport_cost` (``self.cost``)."""
+        return self._out(cost - potential.to(cost.dtype), weight)
 
 
 @LOSS_REGISTRY.register()
@@ -120,16 +134,24 @@ class PotentialLoss(nn.Module):
 
     def forward(self, potential: torch.Tensor, congruence_sum: Optional[torch.Tensor] = None,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        loss = _reduce(potential, weight, 'mean')
+        loss = self.loss_weight * _reduce(potential, weight, 'mean')
         if self.congruence_weight and congruence_sum is not None:
-            sq = congruence_sum.pow(2)
-            loss = loss + self.congruence_weight * (sq.mean() if self.congruence_on == 'batch' else sq[-1])
-        return self.loss_weight * loss
+            loss = loss + self.penalty(congruence_sum)
+        return loss
+
+    def penalty(self, congruence_sum: torch.Tensor) -> torch.Tensor:
+        """loss_weight * congruence_weight * (sum_k lambda_k f_k)^2, on the batch mean or the last sample;
+        the reference takes an optimizer step on this term alone (BaryIRModel's ``congruence_step``)."""
+        sq = congruence_sum.to(torch.promote_types(congruence_sum.dtype, torch.float32)).pow(2)
+        return self.loss_weight * self.congruence_weight * (sq.mean() if self.congruence_on == 'batch' else sq[-1])
 
 
 def _cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a_i, b_j) of flattened rows: (B, N)."""
-    return F.normalize(a.flatten(1), dim=1) @ F.normalize(b.flatten(1), dim=1).t()
+    with fp32_region('contrast', a) as upcast:
+        if upcast:
+            a, b = a.float(), b.float()
+        return F.normalize(a.flatten(1), dim=1) @ F.normalize(b.flatten(1), dim=1).t()
 
 
 def _self_mask(b: int, n: int, offset: int, device) -> torch.Tensor:
@@ -139,7 +161,7 @@ def _self_mask(b: int, n: int, offset: int, device) -> torch.Tensor:
 
 @LOSS_REGISTRY.register()
 class IRCLoss(_WeightedLoss):
-    """Inter-residual contrastive loss (paper 003, Eq. 11), supervised-contrastive over residuals s:
+    """Inter-residual contrastive loss (BaryIR journal, Eq. 11), supervised-contrastive over residuals s:
     ctr_i = -log( sum_{j: y_j = y_i} exp(cos(s_i, s_j)/tau) / sum_j exp(cos(s_i, s_j)/tau) ).
 
     Args:
@@ -182,25 +204,31 @@ class IRCLoss(_WeightedLoss):
 
 @LOSS_REGISTRY.register()
 class BROLoss(_WeightedLoss):
-    """Barycenter-residual orthogonality (paper 003, Eq. 12): o_i = sum_j |cos(zB_i, s_j)|^power,
+    """Barycenter-residual orthogonality (BaryIR journal, Eq. 12): o_i = sum_j |cos(zB_i, s_j)|^power,
     j over the whole batch including i.
 
     Args:
         loss_weight, reduction: as usual.
         power: 2 (reference, squared cosine, default) or 1 (the papers).
+        bank_reduction: ``'sum'`` over j (reference, default): o_i, and so gamma's weight, grows with
+            the batch, and with ``gather_embeddings`` with the number of GPUs; ``'mean'`` divides by the
+            number of residuals j, which keeps o_i's scale whatever the batch and world size.
 
     ``forward(z_bary, residual, weight=None, bank=None)``: ``bank`` replaces the residuals of the
     batch by an all-gathered set.
     """
 
-    def __init__(self, loss_weight: float = 1.0, reduction: str = 'mean', power: float = 2.0) -> None:
+    def __init__(self, loss_weight: float = 1.0, reduction: str = 'mean', power: float = 2.0,
+                 bank_reduction: str = 'sum') -> None:
         super().__init__(loss_weight, reduction)
         if power not in (1, 2):
             raise ValueError(f'BROLoss.power must be 1 or 2, got {power}.')
         self.power = power
+        self.bank_reduction = _check('BROLoss.bank_reduction', bank_reduction, BANK_REDUCTIONS)
 
     def forward(self, z_bary: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 bank: Optional[torch.Tensor] = None) -> torch.Tensor:
         cos = _cosine_matrix(z_bary, residual if bank is None else bank)
         term = cos.pow(2) if self.power == 2 else cos.abs()
-        return self._out(term.sum(dim=1), weight)
+        term = term.sum(dim=1) if self.bank_reduction == 'sum' else term.mean(dim=1)
+        return self._out(term, weight)

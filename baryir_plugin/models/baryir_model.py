@@ -1,11 +1,15 @@
 """BaryIRModel: adversarial training of the restoration network against the barycenter potentials.
 
-Per iteration (method.md Sec. 5; paper 003, Alg. 1):
+Per iteration (BaryIR journal, Alg. 1):
   1. potentials frozen: forward BaryIR, loss
        L1(restored, gt) + w * mean_i lambda_k(i) [c_i + gamma (o_i + ctr_i) - f_k(i)(zB_i)],
      step optimizer_g (restoration network, barycenter map and encoder together: no detach);
-  2. network frozen: ``potential_iters`` steps of the potentials on barycenter latents, either
-     recomputed with the updated network (reference) or reused from step 1 (one forward fewer).
+  2. network frozen: ``potential_iters`` updates of the potentials on barycenter latents, either
+     recomputed with the updated network (reference) or reused from step 1 (one forward fewer); each
+     update is the reference's two optimizer steps (the potential loss, then the congruence penalty with
+     the potentials already updated) or one step on their sum.
+Speed options (mixed precision, channels-last, torch.compile, activation checkpointing) live in
+``training_speed.py``.
 """
 from __future__ import annotations
 
@@ -31,10 +35,14 @@ from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
 from baryir_plugin.compat import atomic_torch_save
 from baryir_plugin.losses import transport_cost
 
+from .training_speed import IntervalLog, TrainingSpeed, check_optimizer_options, per_source_stats
+
 from .validation_report import SetAverage, ValidationReport, metric_needs_reference
 
 LAMBDA_MODES = ('proportional', 'inverse', 'uniform')
 POTENTIAL_STEP_MODES = ('recompute', 'reuse')
+CONGRUENCE_STEPS = ('separate', 'joint')
+SAMPLE_WEIGHTINGS = ('lambda', 'importance')
 _RMSPROP = {'type': 'RMSprop', 'lr': 1e-4, 'alpha': 0.99, 'eps': 1e-8}
 
 
@@ -106,26 +114,44 @@ class BaryIRModel(SRModel):
         mwb_opt: {type: MWBLoss, cost: rms}; potential_opt: {type: PotentialLoss, congruence_weight: 10,
             congruence_on: batch}; irc_opt: {type: IRCLoss, tau: 0.07} (``~`` to disable);
             bro_opt: {type: BROLoss, power: 2} (``~`` to disable).
-        barycenter_weight: w, 1e-4 (the reference scales L1 by 1e4 instead; RMSprop ignores the global scale).
+        barycenter_weight: w, 1e-4. The reference instead scales L1 by 1e4 with w = 1; the two give the same
+            gradient direction but NOT the same RMSprop updates (its eps = 1e-8 is added to a gradient RMS
+            that is 1e4x smaller here), so recipes that follow the reference write pixel_opt.loss_weight
+            1e4 and barycenter_weight 1.
         gamma: weight of IRC and BRO inside the barycenter term, 0.05 (the reference's DDP trainer: 0.02).
         irc_labels: 'degradation' (fine labels, reference) or 'source'.
         lambda_mode: 'proportional' | 'inverse' | 'uniform'; lambdas: explicit list (overrides the mode).
         potential_iters: potential steps per iteration, 1.
         potential_step: 'recompute' (second forward with the updated network, reference) | 'reuse'.
+        congruence_step: 'separate' (reference, default: an optimizer step on the potential loss, then,
+            after zero_grad, a second step on the congruence penalty evaluated with the updated potentials)
+            | 'joint' (one step on their sum).
+        sample_weighting: 'lambda' (reference, default): sample i is weighted by lambda_k(i); batches are
+            drawn from the source mixture (p_k = N_k / N), so source k's effective weight is p_k lambda_k.
+            'importance': lambda_k(i) / p_k(i), an unbiased estimate of sum_k lambda_k E_k[...].
+        checkpointing: activation checkpointing of the Restormer stages (``training_speed.py``).
         gather_embeddings: under DDP, contrast IRC/BRO over the all-gathered global batch (with gradients).
-        optim_g, optim_potential: any torch.optim class; RMSprop(lr 1e-4, alpha 0.99, eps 1e-8) default.
+        optim_g, optim_potential: any torch.optim class; RMSprop(lr 1e-4, alpha 0.99, eps 1e-8) default;
+            ``foreach: true`` / ``fused: true`` are passed on where torch offers them.
         scheduler, ema_decay, warmup_iter, total_iter: as in BasicSR (one scheduler per optimizer).
+
+    Top-level speed options (traiNNer-redux's names): use_amp, amp_bf16, use_channels_last, use_compile,
+    compile_mode (``training_speed.py``).
 
     Without source labels in the data (any paired BasicSR dataset) everything is one source; IRC then
     has nothing to contrast and is skipped with a logged warning.
     """
 
     def __init__(self, opt: dict) -> None:
-        super().__init__(opt)
-        # Inference only: channels-last convolutions run 1.5-1.8x faster on CPU (oneDNN) for this network.
-        self.channels_last = not self.is_train and bool((opt.get('val') or {}).get('channels_last', False))
-        if self.channels_last:
-            self.net_g.to(memory_format=torch.channels_last)
+        device = torch.device('cuda' if opt.get('num_gpu', 0) != 0 else 'cpu')  # as BaseModel decides
+        if not opt.get('is_train', True) and (opt.get('val') or {}).get('channels_last', False):
+            opt['use_channels_last'] = True  # the test-time spelling of the same option
+        self.speed = TrainingSpeed(opt, device)
+        if not opt.get('is_train', True):
+            self.speed.compile = False
+        super().__init__(opt)  # builds net_g through model_to_device, so the speed options apply there
+        # channels-last convolutions run 1.5-1.8x faster on CPU (oneDNN) for this network
+        self.channels_last = self.speed.channels_last
         self.self_ensemble = (opt.get('val') or {}).get('self_ensemble', False)
         if not isinstance(self.self_ensemble, bool):
             raise ValueError(f'val.self_ensemble must be true or false, got {self.self_ensemble!r}.')
@@ -175,6 +201,12 @@ class BaryIRModel(SRModel):
                              f'({list(metric_names)}); define them there or drop them from the dataset entry.')
         return list(only)
 
+    def model_to_device(self, net: torch.nn.Module, checkpoint_stages: bool = True) -> torch.nn.Module:
+        """BasicSR's move to the device and DDP wrapping, with the memory format, checkpointing (of the
+        restoration network, in training) and compilation applied to the bare network first."""
+        net = self.speed.prepare(net.to(self.device), checkpoint_stages=checkpoint_stages and self.is_train)
+        return super().model_to_device(net)
+
     def init_training_settings(self) -> None:
         train_opt = self.opt['train']
         logger = get_root_logger()
@@ -195,7 +227,7 @@ class BaryIRModel(SRModel):
         else:
             lam = barycenter_weights(counts, train_opt.get('lambda_mode', 'proportional'))
         pot.set_lambdas(lam)
-        self.net_potential = self.model_to_device(pot)
+        self.net_potential = self.model_to_device(pot, checkpoint_stages=False)
         # each source's mean potential on its latest samples, for the log (NaN until a sample is seen)
         self.potential_means = torch.full((len(self.source_names),), float('nan'), device=self.device)
         load_path = self.opt['path'].get('pretrain_network_potential')
@@ -206,6 +238,18 @@ class BaryIRModel(SRModel):
         self.get_bare_model(self.net_potential).set_lambdas(lam)
         self.lambdas = lam.to(self.device)
         logger.info('Barycenter weights: ' + ', '.join(f'{n}={float(v):.4f}' for n, v in zip(self.source_names, lam)))
+        self.sample_weighting = train_opt.get('sample_weighting', 'lambda')
+        if self.sample_weighting not in SAMPLE_WEIGHTINGS:
+            raise ValueError(f'train.sample_weighting must be one of {SAMPLE_WEIGHTINGS}, '
+                             f'got {self.sample_weighting!r}.')
+        # per-source weight of each sample: lambda_k, or lambda_k / p_k with p_k = N_k / N the probability
+        # that a sample of the shuffled training set comes from source k
+        share = torch.as_tensor(counts, dtype=torch.float64)
+        share = (share / share.sum()).float()
+        self.sample_weights = (lam if self.sample_weighting == 'lambda' else lam / share).to(self.device)
+        self.congruence_step = train_opt.get('congruence_step', 'separate')
+        if self.congruence_step not in CONGRUENCE_STEPS:
+            raise ValueError(f'train.congruence_step must be one of {CONGRUENCE_STEPS}, got {self.congruence_step!r}.')
 
         self.barycenter_weight = float(train_opt.get('barycenter_weight', 1e-4))
         self.gamma = float(train_opt.get('gamma', 0.05))
@@ -233,6 +277,13 @@ class BaryIRModel(SRModel):
             self.cri_irc = None
         super().init_training_settings()  # EMA, pixel loss, optimizers, schedulers
         self.net_potential.train()
+        if hasattr(self, 'net_g_ema'):
+            self.net_g_ema.to(memory_format=self.speed.memory_format)
+        # one GradScaler per optimizer (fp16 only), in the order of self.optimizers
+        self.scalers = [self.speed.grad_scaler() for _ in self.optimizers]
+        self.interval_log = IntervalLog()
+        self.log_dict = OrderedDict()
+        self._source_stats_acc = torch.zeros(2 * len(self.source_names), device=self.device)
 
     @staticmethod
     def _optional_loss(train_opt: dict, key: str, default_type: str):
@@ -256,6 +307,9 @@ class BaryIRModel(SRModel):
         for key, net in (('optim_g', self.net_g), ('optim_potential', self.net_potential)):
             cfg = dict(train_opt.get(key) or _RMSPROP)
             optim_type = cfg.pop('type')
+            cls = getattr(torch.optim, str(optim_type), None)
+            if isinstance(cls, type):
+                check_optimizer_options(key, cfg, cls)
             params = [p for p in net.parameters() if p.requires_grad]
             optimizer = self.get_optimizer(optim_type, params, **cfg)
             setattr(self, 'optimizer_g' if key == 'optim_g' else 'optimizer_potential', optimizer)
@@ -266,8 +320,9 @@ class BaryIRModel(SRModel):
 
     def feed_data(self, data: dict) -> None:
         super().feed_data(data)
-        if getattr(self, 'channels_last', False):
-            self.lq = self.lq.contiguous(memory_format=torch.channels_last)
+        self.lq = self.speed.layout(self.lq)
+        if hasattr(self, 'gt'):
+            self.gt = self.speed.layout(self.gt)
         b = self.lq.shape[0]
         if 'source_id' in data:
             self.source_id = data['source_id'].to(self.device).long().view(b)
@@ -277,15 +332,18 @@ class BaryIRModel(SRModel):
             self.degradation_id = self.source_id
 
     def test(self) -> None:
-        """SRModel's test; with ``val.self_ensemble`` the network's mean over the 8 dihedral views."""
-        if not self.self_ensemble:
-            return super().test()
+        """SRModel's test (the EMA network when there is one); with ``val.self_ensemble`` the network's mean
+        over the 8 dihedral views. A compiled network validates eagerly: compiling again for every
+        validation image size would cost more than it saves."""
         net = getattr(self, 'net_g_ema', self.net_g)
         was_training = net.training
         net.eval()
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        forward = self.get_bare_model(net).forward if self.speed.compile else net
         with torch.no_grad():
-            self.output = dihedral_ensemble(net, self.lq, memory_format)
+            if self.self_ensemble:
+                self.output = dihedral_ensemble(forward, self.lq, self.speed.memory_format)
+            else:
+                self.output = forward(self.lq)
         net.train(was_training)
 
     def _set_potential_grad(self, flag: bool) -> None:
@@ -303,87 +361,109 @@ class BaryIRModel(SRModel):
     def optimize_parameters(self, current_iter: int) -> None:
         losses = self.network_step()
         losses.update(self.potential_step(self._z_bary if self.potential_step_mode == 'reuse' else None))
-        self.log_dict = self.reduce_loss_dict(losses)
+        self.interval_log.add(losses)  # read (one host sync) at the logging interval: get_current_log
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
+    def get_current_log(self) -> 'OrderedDict[str, float]':
+        """The mean of every loss term since the last log line (over all ranks under DDP), and each
+        source's mean potential on its own samples of that interval (``f_<source>``; a source with no
+        sample in it keeps its previous value, ``nan`` before its first)."""
+        if self.interval_log:
+            losses = OrderedDict(self.interval_log.pop_means())
+            stats = self._source_stats_acc
+            if self.opt['dist'] and dist.is_initialized():
+                dist.all_reduce(stats)
+            k = len(self.source_names)
+            sums, counts = stats[:k], stats[k:]
+            self.potential_means = torch.where(counts > 0, sums / counts.clamp(min=1), self.potential_means)
+            self._source_stats_acc = torch.zeros_like(stats)
+            for i, name in enumerate(self.source_names):
+                losses[f'f_{name}'] = self.potential_means[i]
+            self.log_dict = self.reduce_loss_dict(losses)
+        return self.log_dict
+
     def network_step(self) -> 'OrderedDict[str, torch.Tensor]':
         """Step 1: restoration network, barycenter map and encoder; the potentials are frozen."""
-        losses: OrderedDict[str, torch.Tensor] = OrderedDict()
-        bare_pot = self.get_bare_model(self.net_potential)
-        lam = self.lambdas[self.source_id]  # (B,) lambda_k(i), a lookup by source index
         self._set_potential_grad(False)  # and called outside DDP: the potentials get no gradient here
         self.optimizer_g.zero_grad(set_to_none=True)
-        self.output, z, z_bary, residual = self.net_g(self.lq, return_latents=True)
-        l_total = 0
-        if self.cri_pix is not None:
-            losses['l_pix'] = self.cri_pix(self.output, self.gt)
-            l_total = l_total + losses['l_pix']
-        if self.cri_perceptual is not None:
-            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
-            for name, value in (('l_percep', l_percep), ('l_style', l_style)):
-                if value is not None:
-                    losses[name] = value
-                    l_total = l_total + value
-        potential = bare_pot(z_bary, self.source_id)
-        l_bary = losses['l_mwb'] = self.cri_mwb(z, z_bary, potential, lam)
-        labels = self.degradation_id if self.irc_labels == 'degradation' else self.source_id
-        (bank_s, bank_labels), offset = self._gather(residual, labels)
-        if self.cri_irc is not None:
-            losses['l_irc'] = self.cri_irc(residual, labels, lam, bank=bank_s, bank_labels=bank_labels, offset=offset)
-            l_bary = l_bary + self.gamma * losses['l_irc']
-        if self.cri_bro is not None:
-            losses['l_bro'] = self.cri_bro(z_bary, residual, lam, bank=bank_s)
-            l_bary = l_bary + self.gamma * losses['l_bro']
-        (l_total + self.barycenter_weight * l_bary).backward()
-        self.optimizer_g.step()
+        total, losses, (cost, potential, z_bary) = self.network_losses()
+        self.speed.step(total, self.optimizer_g, self.scalers[0])
         self._set_potential_grad(True)
-
         self._z_bary = z_bary.detach()
-        with torch.no_grad():
-            losses['transport_cost'] = transport_cost(z, z_bary, self.cri_mwb.cost).mean()
-            self._update_potential_means(potential.detach())
-            for k, name in enumerate(self.source_names):
-                losses[f'f_{name}'] = self.potential_means[k]
+        losses['transport_cost'] = cost.mean()
+        self._source_stats_acc += per_source_stats(potential, self.source_id, len(self.source_names))
         return OrderedDict((k, v.detach()) for k, v in losses.items())
 
-    def _update_potential_means(self, scores: torch.Tensor) -> None:
-        """f_k's mean over the samples of source k in this iteration's batch (all ranks' batches under DDP).
-
-        A source absent from the batch keeps its previous value rather than logging a 0 that no sample
-        produced; under DDP every rank then logs the same value.
-        """
-        k = len(self.source_names)
-        onehot = torch.nn.functional.one_hot(self.source_id.long(), k).to(scores.dtype)
-        stats = torch.cat([onehot.t() @ scores, onehot.sum(0)])  # per-source sums, then counts
-        if self.opt['dist'] and dist.is_initialized():
-            dist.all_reduce(stats)
-        sums, counts = stats[:k], stats[k:]
-        self.potential_means = torch.where(counts > 0, sums / counts.clamp(min=1), self.potential_means)
+    def network_losses(self) -> tuple[torch.Tensor, 'OrderedDict[str, torch.Tensor]', tuple]:
+        """Forward and the restoration step's objective (under autocast with ``use_amp``), no backward:
+        (total loss, the terms, (per-sample transport cost, own potential, z_bary))."""
+        losses: OrderedDict[str, torch.Tensor] = OrderedDict()
+        bare_pot = self.get_bare_model(self.net_potential)
+        weight = self.sample_weights[self.source_id]  # (B,) lambda_k(i) [/ p_k(i)], a lookup by source index
+        with self.speed.autocast():
+            self.output, z, z_bary, residual = self.net_g(self.lq, return_latents=True)
+            l_total = 0
+            if self.cri_pix is not None:
+                losses['l_pix'] = self.cri_pix(self.output, self.gt)
+                l_total = l_total + losses['l_pix']
+            if self.cri_perceptual is not None:
+                l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+                for name, value in (('l_percep', l_percep), ('l_style', l_style)):
+                    if value is not None:
+                        losses[name] = value
+                        l_total = l_total + value
+            potential = bare_pot(z_bary, self.source_id)
+            cost = transport_cost(z, z_bary, self.cri_mwb.cost)  # once, for the loss and the log
+            l_bary = losses['l_mwb'] = self.cri_mwb.from_cost(cost, potential, weight)
+            labels = self.degradation_id if self.irc_labels == 'degradation' else self.source_id
+            (bank_s, bank_labels), offset = self._gather(residual, labels)
+            if self.cri_irc is not None:
+                losses['l_irc'] = self.cri_irc(residual, labels, weight, bank=bank_s, bank_labels=bank_labels,
+                                               offset=offset)
+                l_bary = l_bary + self.gamma * losses['l_irc']
+            if self.cri_bro is not None:
+                losses['l_bro'] = self.cri_bro(z_bary, residual, weight, bank=bank_s)
+                l_bary = l_bary + self.gamma * losses['l_bro']
+        return l_total + self.barycenter_weight * l_bary, losses, (cost, potential, z_bary)
 
     def potential_step(self, z_bary: Optional[torch.Tensor] = None) -> 'OrderedDict[str, torch.Tensor]':
         """Step 2: ``potential_iters`` updates of the potentials on barycenter latents, network frozen.
 
         ``z_bary=None`` recomputes them with the current network (the reference: one more forward).
+        With ``congruence_step: separate`` (the reference) each update is two optimizer steps: the
+        potential loss, then the congruence penalty with the potentials that step has just updated.
         """
         losses: OrderedDict[str, torch.Tensor] = OrderedDict()
         if not self.potential_iters:
             return losses
         if z_bary is None:
-            with torch.no_grad():
+            with torch.no_grad(), self.speed.autocast():
                 _, _, z_bary, _ = self.get_bare_model(self.net_g)(self.lq, return_latents=True)
-        lam = self.lambdas[self.source_id]
+        weight = self.sample_weights[self.source_id]
         lambdas = self.get_bare_model(self.net_potential).lambdas
+        separate = self.congruence_step == 'separate' and self.cri_potential.congruence_weight
+        # the reference's separate penalty looks at the last sample only; none of the batch is needed then
+        z_congruence = z_bary[-1:] if self.cri_potential.congruence_on == 'last' else z_bary
+        scaler = self.scalers[1]
         for _ in range(self.potential_iters):
             self.optimizer_potential.zero_grad(set_to_none=True)
-            scores = self.net_potential(z_bary)  # (B, K), through DDP: gradients are all-reduced
-            own = scores.gather(1, self.source_id.view(-1, 1)).squeeze(1)
-            congruence = (scores * lambdas.to(scores.dtype)).sum(dim=1)
-            l_pot = self.cri_potential(own, congruence, lam)
-            l_pot.backward()
-            self.optimizer_potential.step()
+            with self.speed.autocast():
+                scores = self.net_potential(z_bary)  # (B, K), through DDP: gradients are all-reduced
+                own = scores.gather(1, self.source_id.view(-1, 1)).squeeze(1)
+                congruence = (scores * lambdas.to(scores.dtype)).sum(dim=1)
+                l_pot = self.cri_potential(own, None if separate else congruence, weight)
+            self.speed.step(l_pot, self.optimizer_potential, scaler)
+            if separate:
+                self.optimizer_potential.zero_grad(set_to_none=True)
+                with self.speed.autocast():
+                    scores = self.net_potential(z_congruence)
+                    congruence = (scores * lambdas.to(scores.dtype)).sum(dim=1)
+                    l_congruence = self.cri_potential.penalty(congruence)
+                self.speed.step(l_congruence, self.optimizer_potential, scaler)
+                losses['l_congruence'] = l_congruence.detach()
         losses['l_potential'] = l_pot.detach()
-        losses['congruence'] = congruence.detach().pow(2).mean()
+        losses['congruence'] = congruence.detach().float().pow(2).mean()
         return losses
 
     # ------------------------------------------------------------------------------------------------
@@ -537,7 +617,9 @@ class BaryIRModel(SRModel):
                  'schedulers': [s.state_dict() for s in self.schedulers],
                  'rng': getattr(self, '_rng_states', None) or [capture_rng_state()],
                  'source_names': list(self.source_names),
-                 'potential_means': self.potential_means.cpu()}
+                 'potential_means': self.potential_means.cpu(),
+                 'manual_seed': self.opt.get('manual_seed'),
+                 'scalers': [None if sc is None else sc.state_dict() for sc in self.scalers]}
         atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def resume_training(self, resume_state: dict) -> None:
@@ -545,7 +627,19 @@ class BaryIRModel(SRModel):
         if saved is not None and list(saved) != list(self.source_names):
             raise ValueError(f'resume: the training state was written for sources {saved}, but the data now has '
                              f'{self.source_names}; the potentials would be mixed up. Keep the source list.')
+        seed = resume_state.get('manual_seed')
+        if seed is not None and seed != self.opt.get('manual_seed'):
+            get_root_logger().warning(f'resume: the training state was written with manual_seed {seed}, this run has '
+                                      f'{self.opt.get("manual_seed")}; the training samples after the resume will '
+                                      'differ from an uninterrupted run. Set manual_seed to the saved value.')
         super().resume_training(resume_state)
+        scalers = resume_state.get('scalers') or [None] * len(self.scalers)
+        for scaler, saved_scaler in zip(self.scalers, scalers):
+            if scaler is not None and saved_scaler:
+                scaler.load_state_dict(saved_scaler)
+            elif scaler is not None:
+                get_root_logger().warning('resume: the training state has no fp16 loss-scaler state (it was saved '
+                                          'without fp16 use_amp); the scaler starts afresh.')
         if resume_state.get('potential_means') is not None:
             self.potential_means = resume_state['potential_means'].to(self.device, torch.float32)
         rng = resume_state.get('rng')

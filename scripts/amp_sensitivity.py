@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Measure which parts of a BaryIR training iteration need float32 under mixed precision.
+
+One batch, one set of weights: every loss term and both networks' gradients in float32, then under
+bf16 (or fp16) autocast with all float32 regions kept (the default), with each region left to low
+precision in turn, and with none kept. Each cell is the relative error against float32 (inf: a
+non-finite value). Regions: baryir_plugin/archs/precision.py.
+
+    python scripts/amp_sensitivity.py                        # default BaryIR, batch 3, crop 128, bf16
+    python scripts/amp_sensitivity.py --dim 8 --num-blocks 1 1 1 1 --num-refinement-blocks 1 --dtypes bf16 fp16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dim', type=int, default=48)
+    parser.add_argument('--num-blocks', type=int, nargs=4, default=[4, 6, 6, 8])
+    parser.add_argument('--num-refinement-blocks', type=int, default=4)
+    parser.add_argument('--sources', type=int, default=3)
+    parser.add_argument('--batch', type=int, default=3)
+    parser.add_argument('--crop', type=int, default=128)
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--dtypes', nargs='+', choices=sorted(DTYPES), default=['bf16'])
+    parser.add_argument('--json', help='also write the rows to this JSON file')
+    args = parser.parse_args(argv)
+
+    from baryir_plugin.analysis import BenchConfig, machine_line
+    from baryir_plugin.analysis.amp_sensitivity import TERMS, sensitivity
+
+    config = BenchConfig(dim=args.dim, num_blocks=tuple(args.num_blocks),
+                         num_refinement_blocks=args.num_refinement_blocks, sources=args.sources, batch=args.batch,
+                         crop=args.crop, device=args.device)
+    rows = sensitivity(config, [DTYPES[d] for d in args.dtypes])
+    print(f'machine: {machine_line(args.device)}')
+    print(f'config: {config.describe()}; relative error against float32 (one batch, same weights)')
+    cols = [c for c in TERMS + ('grad_network', 'grad_potentials') if c in rows[0]]
+    print(f'{"dtype":<10}{"float32 regions":<22}' + ''.join(f'{c:>16}' for c in cols))
+    for r in rows:
+        print(f'{r["dtype"]:<10}{r["fp32"]:<22}' + ''.join(f'{r[c]:>16.2e}' for c in cols))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'machine': machine_line(args.device), 'config': config.describe(), 'rows': rows}, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
