@@ -241,9 +241,10 @@ def test_gpu_check_self_test_on_cpu(tmp_path):
     report = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())
     checks = [r['check'] for r in report['rows']]
     assert checks.count('parity') == 2 and checks.count('steps') == 3 and checks.count('kernels') == 2
-    assert 'ddp' in checks and 'bf16' in checks and checks.count('demo') == 3, out.stdout
+    assert 'ddp' in checks and 'bf16' in checks and checks.count('demo') == 5, out.stdout
     demo = [r for r in report['rows'] if r['check'] == 'demo']
-    assert [r['precision'] for r in demo] == ['fp32', 'bf16', 'fp16'] and all('val_average_psnr' in r for r in demo)
+    assert [r['precision'] for r in demo] == ['fp32', 'bf16', 'fp16', 'bf16', 'fp16']
+    assert all('val_average_psnr' in r for r in demo[:3]) and all('diff_db' in r for r in demo[3:])
     assert all(r.get('ok', True) for r in report['rows']), out.stdout
     parity = report['rows'][0]
     assert parity['tf32'] is False and parity['max_abs_error'] < 1e-4

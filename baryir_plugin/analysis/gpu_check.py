@@ -233,35 +233,47 @@ def check_bf16(quick: bool, device: str, iters: int = 100) -> list[dict]:
              'ok': finite and max(rel[-tail:]) < 0.05}]
 
 
-def check_demo(device: str, workdir: Path, iters: int = 1000, judge: bool = True) -> list[dict]:
-    """The demo recipe in float32, bf16 and fp16 (same seed and data): final validation average PSNR."""
+def check_demo(device: str, workdir: Path, iters: int = 1000, judge: bool = True,
+               seeds: tuple = (10,)) -> list[dict]:
+    """The demo recipe in float32, bf16 and fp16 (same seeds and data): final validation average PSNR,
+    per seed and as the mean over the seeds. A single seed moves the demo's average by tenths of a dB
+    with any rounding change (docs/training-speed.md), so the 0.1 dB bound is judged on the mean."""
     import re
 
     data = workdir / 'datasets' / 'demo'
     subprocess.run([sys.executable, str(REPO / 'scripts' / 'make_demo_data.py'), '--out', str(data)], check=True,
                    capture_output=True, cwd=workdir)
-    rows, fp32 = [], None
+    rows, means = [], {}
     for precision, force in (('fp32', []), ('bf16', ['use_amp=true', 'amp_bf16=true']),
                              ('fp16', ['use_amp=true', 'amp_bf16=false'])):
-        name = f'gpu_check_demo_{precision}'
-        cmd = [sys.executable, '-m', 'baryir_plugin', 'train', '-opt', str(REPO / 'options' / 'train_baryir_demo.yml'),
-               '--force_yml', f'name={name}', f'num_gpu={1 if device == "cuda" else 0}', f'train:total_iter={iters}',
-               f'val:val_freq={iters}', f'logger:save_checkpoint_freq={iters}', *force]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
-        logs = sorted((workdir / 'experiments' / name).glob('train_*.log'))
-        found = re.findall(r'Validation average\n\t # psnr: ([0-9.]+)', logs[-1].read_text()) if logs else []
-        row = {'check': 'demo', 'precision': precision, 'iterations': iters, 'seconds': time.perf_counter() - start}
-        if proc.returncode != 0 or not found:
-            row.update(ok=False, error=(proc.stderr or proc.stdout)[-1500:])
-        else:
-            row['val_average_psnr'] = float(found[-1])
-            fp32 = row['val_average_psnr'] if precision == 'fp32' else fp32
-            if precision != 'fp32' and fp32 is not None:
-                row['diff_db'] = row['val_average_psnr'] - fp32
-                if judge:  # the 0.1 dB bound is for the full recipe, not a few iterations
-                    row['ok'] = abs(row['diff_db']) <= 0.1
-        rows.append(row)
+        values = []
+        for seed in seeds:
+            name = f'gpu_check_demo_{precision}_{seed}'
+            cmd = [sys.executable, '-m', 'baryir_plugin', 'train', '-opt',
+                   str(REPO / 'options' / 'train_baryir_demo.yml'), '--force_yml', f'name={name}',
+                   f'manual_seed={seed}', f'num_gpu={1 if device == "cuda" else 0}', f'train:total_iter={iters}',
+                   f'val:val_freq={iters}', f'logger:save_checkpoint_freq={iters}', *force]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
+            logs = sorted((workdir / 'experiments' / name).glob('train_*.log'))
+            found = re.findall(r'Validation average\n\t # psnr: ([0-9.]+)', logs[-1].read_text()) if logs else []
+            row = {'check': 'demo', 'precision': precision, 'seed': seed, 'iterations': iters,
+                   'seconds': time.perf_counter() - start}
+            if proc.returncode != 0 or not found:
+                row.update(ok=False, error=(proc.stderr or proc.stdout)[-1500:])
+            else:
+                row['val_average_psnr'] = float(found[-1])
+                values.append(row['val_average_psnr'])
+            rows.append(row)
+        if len(values) == len(seeds):
+            means[precision] = sum(values) / len(values)
+    for precision in ('bf16', 'fp16'):
+        if precision in means and 'fp32' in means:
+            row = {'check': 'demo', 'precision': precision, 'seeds': list(seeds), 'mean_psnr': means[precision],
+                   'fp32_mean_psnr': means['fp32'], 'diff_db': means[precision] - means['fp32']}
+            if judge:  # the bound is for the full recipe, not a few iterations
+                row['ok'] = abs(row['diff_db']) <= 0.1
+            rows.append(row)
     return rows
 
 
@@ -275,7 +287,7 @@ def _format(rows: list[dict]) -> str:
 
 def run(checks=CHECKS, quick: bool = False, device: str = 'cuda', out_dir: Optional[str] = None,
         fixture: Optional[Path] = None, budget_s: float = 300.0, steps_modes: Optional[list[str]] = None,
-        log: Callable[[str], None] = print) -> dict:
+        demo_seeds: tuple = (10,), log: Callable[[str], None] = print) -> dict:
     """Run the checks, print each group as it finishes, write ``gpu_check.json``; returns the report."""
     start = time.monotonic()
     report = {'machine': machine_line(device), 'device': device, 'quick': quick, 'rows': []}
@@ -301,7 +313,7 @@ def run(checks=CHECKS, quick: bool = False, device: str = 'cuda', out_dir: Optio
                 elif name == 'bf16':
                     rows = check_bf16(quick, device, iters=5 if quick else 100)
                 elif name == 'demo':
-                    rows = check_demo(device, Path(tmp), iters=4 if quick else 1000, judge=not quick)
+                    rows = check_demo(device, Path(tmp), iters=4 if quick else 1000, judge=not quick, seeds=demo_seeds)
                 else:
                     raise ValueError(f'unknown check {name!r}; checks: {CHECKS}')
             except Exception as e:  # noqa: BLE001 (one failing check must not hide the others' results)

@@ -24,7 +24,6 @@ from basicsr.utils import get_root_logger
 from baryir_plugin.archs.restormer_blocks import set_activation_checkpointing
 
 COMPILE_MODES = (None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
-_FLAGS = ('use_amp', 'amp_bf16', 'use_channels_last', 'use_compile')
 
 
 def _flag(opt: dict, key: str) -> bool:
@@ -90,8 +89,6 @@ class TrainingSpeed:
     """Reads and checks the speed options once, then applies them where the model needs them."""
 
     def __init__(self, opt: dict, device: torch.device) -> None:
-        for key in _FLAGS:
-            _flag(opt, key)
         logger = get_root_logger()
         self.device = device
         self.use_amp = _flag(opt, 'use_amp')
