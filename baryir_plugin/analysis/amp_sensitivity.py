@@ -51,15 +51,9 @@ def measure_iteration(model, dtype, scale: float) -> dict[str, torch.Tensor]:
     out['grad_network'] = _grads(model.net_g, scale)
     for p in model.net_potential.parameters():
         p.requires_grad_(True)
-    lambdas = model.get_bare_model(model.net_potential).lambdas
-    weight = model.sample_weights[model.source_id]
-    with model.speed.autocast():
-        scores = model.net_potential(z_bary.detach())
-        own = scores.gather(1, model.source_id.view(-1, 1)).squeeze(1)
-        congruence = (scores * lambdas.to(scores.dtype)).sum(dim=1)
-        l_pot = model.cri_potential(own, congruence, weight)
+    l_pot, congruence = model.potential_losses(z_bary.detach(), with_congruence=True)
     (l_pot * scale).backward()
-    out['potential'] = own.detach()
+    out['potential'] = potential.detach()  # f_k(i)(zB_i) as the restoration step scored it
     out['congruence'] = congruence.detach()
     out['grad_potentials'] = _grads(model.net_potential, scale)
     return out

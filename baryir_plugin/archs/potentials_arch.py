@@ -162,5 +162,8 @@ class BarycenterPotentials(nn.Module):
 
     def congruence_sum(self, z_bary: torch.Tensor) -> torch.Tensor:
         """sum_k lambda_k f_k(zB_i) per sample, shape (B,); zero up to rounding when parameterized."""
-        scores = self.forward_all(z_bary)
+        return self.congruence_of(self.forward_all(z_bary))
+
+    def congruence_of(self, scores: torch.Tensor) -> torch.Tensor:
+        """sum_k lambda_k f_k per sample from already computed scores (B, K)."""
         return (scores * self.lambdas.to(scores.dtype)).sum(dim=1)

@@ -13,7 +13,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
-from .seeding import check_seed, sample_draws
+from .seeding import SeededDraws
 
 # Options every source inherits from the AllInOneDataset entry unless it sets its own.
 _SHARED_KEYS = ('phase', 'scale', 'gt_size', 'use_hflip', 'use_rot', 'io_backend', 'mean', 'std', 'color',
@@ -22,7 +22,7 @@ _OWN_KEYS = ('name', 'repeat', 'labels')
 
 
 @DATASET_REGISTRY.register()
-class AllInOneDataset(data.Dataset):
+class AllInOneDataset(SeededDraws, data.Dataset):
     """K degradation sources in one dataset; each sample says which source and fine degradation it is.
 
     Options (YAML):
@@ -70,7 +70,7 @@ class AllInOneDataset(data.Dataset):
         self._label_ids: list[list[int]] = []  # per source: its local label index -> global degradation id
         self.channel_permute = bool(opt.get('channel_permute', False)) and opt.get('phase') == 'train'
         who = f'AllInOneDataset ({opt.get("name", "unnamed")})'
-        self.seed = check_seed(opt, who) if opt.get('phase') == 'train' else None
+        self._read_seed(opt, who)
         for i, entry in enumerate(entries):
             self._add_source(i, entry)
         self.source_counts = [len(ds) * r for ds, r in zip(self.sources, self.repeats)]
@@ -128,10 +128,6 @@ class AllInOneDataset(data.Dataset):
 
     def __len__(self) -> int:
         return self._ends[-1]
-
-    def __getitem__(self, index: int) -> dict:
-        with sample_draws(self.seed, index):
-            return self._sample(index)
 
     def _sample(self, index: int) -> dict:
         if index < 0:

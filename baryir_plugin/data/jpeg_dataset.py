@@ -10,7 +10,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
-from .seeding import check_seed, sample_draws
+from .seeding import SeededDraws
 from .stem_matched_dataset import clean_image_paths, open_file_client, read_clean_view
 
 
@@ -23,7 +23,7 @@ def jpeg_compress(img: np.ndarray, quality: int) -> np.ndarray:
 
 
 @DATASET_REGISTRY.register()
-class JPEGCompressionDataset(data.Dataset):
+class JPEGCompressionDataset(SeededDraws, data.Dataset):
     """Pairs (JPEG-compressed clean image, clean image) from a folder or LMDB of clean images.
 
     The LQ image is OpenCV's JPEG encode/decode of the uint8 BGR image at ``quality``, so the same image
@@ -62,17 +62,13 @@ class JPEGCompressionDataset(data.Dataset):
             raise KeyError(f'{who}: option gt_size (training crop size) is required in the train phase.')
         self.mean = opt.get('mean')
         self.std = opt.get('std')
-        self.seed = check_seed(opt, who) if opt.get('phase') == 'train' else None
+        self._read_seed(opt, who)
         self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.file_client = None
         self.paths = clean_image_paths(str(opt['dataroot_gt']), self.io_backend_opt, who)
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        with sample_draws(self.seed, index):
-            return self._sample(index)
 
     def _sample(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)

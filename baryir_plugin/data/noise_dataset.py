@@ -10,12 +10,12 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
 from .degradations import gaussian_noise
-from .seeding import check_seed, sample_draws
+from .seeding import SeededDraws
 from .stem_matched_dataset import clean_image_paths, open_file_client, read_clean_view
 
 
 @DATASET_REGISTRY.register()
-class GaussianNoiseDataset(data.Dataset):
+class GaussianNoiseDataset(SeededDraws, data.Dataset):
     """Pairs (clean + Gaussian noise, clean) made from a folder or LMDB of clean images.
 
     Every clean image appears once per sigma, so ``len = images * len(sigmas)`` and sample ``i`` uses
@@ -51,7 +51,7 @@ class GaussianNoiseDataset(data.Dataset):
         who = f'GaussianNoiseDataset ({opt.get("name", "unnamed")})'
         self.paths = clean_image_paths(str(opt['dataroot_gt']), self.io_backend_opt, who)
         self.noise_seed = int(opt.get('noise_seed', 0))
-        self.seed = check_seed(opt, who) if opt.get('phase') == 'train' else None
+        self._read_seed(opt, who)
 
     @property
     def degradation_names(self) -> list[str]:
@@ -59,10 +59,6 @@ class GaussianNoiseDataset(data.Dataset):
 
     def __len__(self) -> int:
         return len(self.paths) * len(self.sigmas)
-
-    def __getitem__(self, index: int) -> dict:
-        with sample_draws(self.seed, index):
-            return self._sample(index)
 
     def _sample(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)

@@ -69,6 +69,24 @@ def sample_seeds(seed: int, epoch: int, slot: int) -> tuple[int, np.ndarray, int
     return python_seed, words[4:8], torch_seed
 
 
+class SeededDraws:
+    """Mixin of the plugin's datasets: ``__getitem__`` draws sample ``index`` (``_sample``, written by the
+    dataset) inside :func:`sample_draws` with the seed :meth:`_read_seed` took from the options."""
+
+    seed: int | None = None
+
+    def _read_seed(self, opt: dict, who: str) -> None:
+        """The run's seed from ``opt`` (train phase only: evaluation sets fix their own draws)."""
+        self.seed = check_seed(opt, who) if opt.get('phase') == 'train' else None
+
+    def __getitem__(self, index: int) -> dict:
+        with sample_draws(self.seed, index):
+            return self._sample(index)
+
+    def _sample(self, index: int) -> dict:
+        raise NotImplementedError
+
+
 @contextlib.contextmanager
 def sample_draws(seed: int | None, index: Any) -> Iterator[None]:
     """Within the block, the global random streams are those of the sample ``index`` (a SampleIndex) of

@@ -12,7 +12,7 @@ from torch.utils import data
 from torchvision.transforms.functional import normalize
 
 from .layout import compile_rule, gt_stem, list_images, lmdb_keys, stem
-from .seeding import check_seed, sample_draws
+from .seeding import SeededDraws
 
 
 def open_file_client(io_backend_opt: dict) -> FileClient:
@@ -79,7 +79,7 @@ def check_same_size(img_lq: np.ndarray, img_gt: np.ndarray, lq_path: str, gt_pat
 
 
 @DATASET_REGISTRY.register()
-class StemMatchedPairedDataset(data.Dataset):
+class StemMatchedPairedDataset(SeededDraws, data.Dataset):
     """LQ/GT pairs matched by a regular-expression rule on file stems, from folders or BasicSR LMDBs.
 
     BasicSR's PairedImageDataset needs the same name on both sides (up to ``filename_tmpl``); the real
@@ -128,7 +128,7 @@ class StemMatchedPairedDataset(data.Dataset):
         self.rule = compile_rule(self.rule_opt, f'{self.who}: lq_to_gt')
         self.mean = opt.get('mean')
         self.std = opt.get('std')
-        self.seed = check_seed(opt, self.who) if opt.get('phase') == 'train' else None
+        self._read_seed(opt, self.who)
         # Copy: AllInOneDataset hands every source its own dict, but a plain entry must not see db_paths added.
         self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.file_client = None
@@ -177,10 +177,6 @@ class StemMatchedPairedDataset(data.Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        with sample_draws(self.seed, index):
-            return self._sample(index)
 
     def _sample(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)

@@ -146,12 +146,8 @@ class BaryIRModel(SRModel):
         device = torch.device('cuda' if opt.get('num_gpu', 0) != 0 else 'cpu')  # as BaseModel decides
         if not opt.get('is_train', True) and (opt.get('val') or {}).get('channels_last', False):
             opt['use_channels_last'] = True  # the test-time spelling of the same option
-        self.speed = TrainingSpeed(opt, device)
-        if not opt.get('is_train', True):
-            self.speed.compile = False
+        self.speed = TrainingSpeed(opt, device, is_train=opt.get('is_train', True))
         super().__init__(opt)  # builds net_g through model_to_device, so the speed options apply there
-        # channels-last convolutions run 1.5-1.8x faster on CPU (oneDNN) for this network
-        self.channels_last = self.speed.channels_last
         self.self_ensemble = (opt.get('val') or {}).get('self_ensemble', False)
         if not isinstance(self.self_ensemble, bool):
             raise ValueError(f'val.self_ensemble must be true or false, got {self.self_ensemble!r}.')
@@ -440,31 +436,36 @@ class BaryIRModel(SRModel):
         if z_bary is None:
             with torch.no_grad(), self.speed.autocast():
                 _, _, z_bary, _ = self.get_bare_model(self.net_g)(self.lq, return_latents=True)
-        weight = self.sample_weights[self.source_id]
-        lambdas = self.get_bare_model(self.net_potential).lambdas
         separate = self.congruence_step == 'separate' and self.cri_potential.congruence_weight
         # the reference's separate penalty looks at the last sample only; none of the batch is needed then
         z_congruence = z_bary[-1:] if self.cri_potential.congruence_on == 'last' else z_bary
         scaler = self.scalers[1]
         for _ in range(self.potential_iters):
             self.optimizer_potential.zero_grad(set_to_none=True)
-            with self.speed.autocast():
-                scores = self.net_potential(z_bary)  # (B, K), through DDP: gradients are all-reduced
-                own = scores.gather(1, self.source_id.view(-1, 1)).squeeze(1)
-                congruence = (scores * lambdas.to(scores.dtype)).sum(dim=1)
-                l_pot = self.cri_potential(own, None if separate else congruence, weight)
+            l_pot, congruence = self.potential_losses(z_bary, with_congruence=not separate)
             self.speed.step(l_pot, self.optimizer_potential, scaler)
             if separate:
                 self.optimizer_potential.zero_grad(set_to_none=True)
                 with self.speed.autocast():
-                    scores = self.net_potential(z_congruence)
-                    congruence = (scores * lambdas.to(scores.dtype)).sum(dim=1)
+                    congruence = self.get_bare_model(self.net_potential).congruence_of(self.net_potential(z_congruence))
                     l_congruence = self.cri_potential.penalty(congruence)
                 self.speed.step(l_congruence, self.optimizer_potential, scaler)
                 losses['l_congruence'] = l_congruence.detach()
         losses['l_potential'] = l_pot.detach()
         losses['congruence'] = congruence.detach().float().pow(2).mean()
         return losses
+
+    def potential_losses(self, z_bary: torch.Tensor, with_congruence: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The potentials' loss on barycenter latents (under autocast with ``use_amp``), through DDP so that
+        its gradients are all-reduced: (mean_i w_i f_k(i)(zB_i) [+ the congruence penalty], the congruence
+        sum_k lambda_k f_k(zB_i) per sample)."""
+        with self.speed.autocast():
+            scores = self.net_potential(z_bary)  # (B, K)
+            own = scores.gather(1, self.source_id.view(-1, 1)).squeeze(1)
+            congruence = self.get_bare_model(self.net_potential).congruence_of(scores)
+            loss = self.cri_potential(own, congruence if with_congruence else None,
+                                      self.sample_weights[self.source_id])
+        return loss, congruence
 
     # ------------------------------------------------------------------------------------------------
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:

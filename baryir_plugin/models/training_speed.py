@@ -88,7 +88,7 @@ def _channels_last_strided(t: torch.Tensor) -> torch.Tensor:
 class TrainingSpeed:
     """Reads and checks the speed options once, then applies them where the model needs them."""
 
-    def __init__(self, opt: dict, device: torch.device) -> None:
+    def __init__(self, opt: dict, device: torch.device, is_train: bool = True) -> None:
         logger = get_root_logger()
         self.device = device
         self.use_amp = _flag(opt, 'use_amp')
@@ -102,7 +102,7 @@ class TrainingSpeed:
         self.compile_mode = opt.get('compile_mode')
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f'compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}.')
-        self.compile = _flag(opt, 'use_compile')
+        self.compile = _flag(opt, 'use_compile') and is_train  # testing runs the eager network
         if self.compile:
             reason = compile_unavailable(device)
             if reason:
