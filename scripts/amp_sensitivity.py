@@ -12,7 +12,6 @@ non-finite value). Regions: baryir_plugin/archs/precision.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -47,8 +46,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f'{r["dtype"]:<10}{r["fp32"]:<22}' + ''.join(f'{r[c]:>16.2e}' for c in cols))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'machine': machine_line(args.device), 'config': config.describe(), 'rows': rows}, f, indent=1)
+        from baryir_plugin.models.validation_report import write_json
+        write_json(args.json, {'machine': machine_line(args.device), 'config': config.describe(), 'rows': rows})
     return 0
 
 

@@ -119,8 +119,8 @@ def main(argv=None) -> int:
               f'{r["median_s"] / base["median_s"]:>8.2f}{r["peak_mib"]:>10.0f}{r["peak_mib"] / base["peak_mib"]:>7.2f}'
               f'  {", ".join(note)}')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'machine': first['machine'], 'config': _config(args).describe(), 'rows': rows}, f, indent=1)
+        from baryir_plugin.models.validation_report import write_json
+        write_json(args.json, {'machine': first['machine'], 'config': _config(args).describe(), 'rows': rows})
     return 0
 
 

@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument('--budget-s', type=float, default=300.0, help='time after which step-table rows are skipped')
     args = parser.parse_args(argv)
 
+    if args.fixture is not None and not (args.fixture / 'expected_outputs.pt').is_file():
+        parser.error(f'--fixture {args.fixture}: no expected_outputs.pt there; give the reference fixture folder '
+                     '(expected_outputs.pt, official_format_checkpoint.pt) or leave --fixture out to skip parity.')
     import torch
     if args.device == 'cuda' and not torch.cuda.is_available():
         print('gpu_check: error: no CUDA device is visible to torch here; run it on a GPU machine, or add '

@@ -292,3 +292,18 @@ def test_channels_last_bf16_under_torchrun_keeps_ranks_equal_without_stride_warn
     for net in ('net_g', 'net_potential'):
         for key, value in saved[0][net].items():
             assert torch.equal(value, saved[1][net][key]), f'{net}.{key} differs between ranks'
+
+
+def test_gpu_check_names_a_missing_or_broken_fixture(tmp_path):
+    script = [sys.executable, str(REPO / 'scripts' / 'gpu_check.py'), '--device', 'cpu', '--quick', '--checks',
+              'parity', '--out', str(tmp_path / 'out'), '--fixture']
+    missing = subprocess.run(script + [str(tmp_path / 'nowhere')], capture_output=True, text=True)
+    assert missing.returncode == 2 and 'no expected_outputs.pt there' in missing.stderr
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    for name in ('expected_outputs.pt', 'official_format_checkpoint.pt'):
+        (broken / name).write_bytes(b'not a checkpoint')
+    proc = subprocess.run(script + [str(broken)], capture_output=True, text=True)
+    rows = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())['rows']
+    assert proc.returncode == 1 and rows[0]['ok'] is False
+    assert f'cannot read the reference fixture in {broken}' in rows[0]['error'] and '\n' not in rows[0]['error']

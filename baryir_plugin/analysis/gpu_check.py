@@ -14,7 +14,6 @@ Checks, in order (each one a row group of the table; a failing check is reported
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -51,8 +50,14 @@ def check_parity(fixture: Path, device: str) -> list[dict]:
     from baryir_plugin.archs import BaryIR, BarycenterPotentials
     from baryir_plugin.official import convert_official
 
-    expected = torch.load(fixture / 'expected_outputs.pt', weights_only=True)
-    net_g, net_pot = convert_official(str(fixture / 'official_format_checkpoint.pt'))
+    try:
+        expected = torch.load(fixture / 'expected_outputs.pt', weights_only=True)
+        net_g, net_pot = convert_official(str(fixture / 'official_format_checkpoint.pt'))
+    except Exception as e:  # noqa: BLE001 (a broken fixture is this check's result, named, not a crash)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return [{'check': 'parity', 'ok': False,
+                 'error': f'cannot read the reference fixture in {fixture} ({type(e).__name__}: {first[:200]}); '
+                          'point --fixture at a folder holding expected_outputs.pt and official_format_checkpoint.pt'}]
     net = BaryIR(**{k: v for k, v in net_g['baryir_config'].items() if k != 'type'}).eval().to(device)
     net.load_state_dict(net_g['params'])
     pots = BarycenterPotentials(**{k: v for k, v in net_pot['baryir_config'].items() if k != 'type'}).to(device)
@@ -317,14 +322,14 @@ def run(checks=CHECKS, quick: bool = False, device: str = 'cuda', out_dir: Optio
                 else:
                     raise ValueError(f'unknown check {name!r}; checks: {CHECKS}')
             except Exception as e:  # noqa: BLE001 (one failing check must not hide the others' results)
-                rows = [{'check': name, 'ok': False, 'error': f'{type(e).__name__}: {e}'[:500]}]
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+                rows = [{'check': name, 'ok': False, 'error': f'{type(e).__name__}: {first}'[:300]}]
             for r in rows:
                 r.setdefault('seconds_group', time.monotonic() - t0)
             report['rows'].extend(rows)
             log(_format(rows))
     report['seconds'] = time.monotonic() - start
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'gpu_check.json'), 'w') as f:
-            json.dump(report, f, indent=1)
+        from baryir_plugin.models.validation_report import write_json
+        write_json(os.path.join(out_dir, 'gpu_check.json'), report)
     return report
