@@ -22,10 +22,14 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
+from baryir_plugin.errors import OptionError, SetupError, UsageError, debug_requested, run_guarded
+
 PLUGIN_GROUP = 'basicsr.plugins'
 PIPELINES = ('train', 'test')
 DATA_ROOT_PLACEHOLDER = '${data_root}'
 DATA_ROOT_ENV = 'BARYIR_DATA_ROOT'
+# resolved copy of an option file -> the file the user gave, for error messages
+_OPTION_FILE_ALIASES: dict[str, str] = {}
 
 
 def load_plugins() -> list[str]:
@@ -41,8 +45,8 @@ def load_plugins() -> list[str]:
         try:
             ep.load()
         except Exception as e:  # a broken third-party plugin must say which one it is
-            raise RuntimeError(f"basicsr plugin {ep.name!r} ({ep.value}) from the '{PLUGIN_GROUP}' entry points "
-                               f'failed to import: {e}') from e
+            raise SetupError(f"basicsr plugin {ep.name!r} ({ep.value}) from the '{PLUGIN_GROUP}' entry points "
+                             f'failed to import ({type(e).__name__}: {e}); fix or uninstall that package.') from e
         loaded.append(ep.value)
     return loaded
 
@@ -68,9 +72,9 @@ def _check_opt_file(kind: str, argv: Sequence[str]) -> str:
     pre.add_argument('-opt')
     known, _ = pre.parse_known_args(argv)
     if known.opt is None:
-        raise SystemExit(f'basicsr {kind}: the option file is missing; usage: basicsr {kind} -opt FILE.yml')
+        raise UsageError(f'the option file is missing; usage: basicsr {kind} -opt FILE.yml')
     if not os.path.isfile(known.opt):
-        raise SystemExit(f'basicsr {kind}: -opt {known.opt!r}: no such file (paths are relative to {os.getcwd()}).')
+        raise UsageError(f'-opt {known.opt!r}: no such file (paths are relative to {os.getcwd()}).')
     return known.opt
 
 
@@ -81,7 +85,7 @@ def _pop_data_root(argv: list[str]) -> tuple[list[str], Optional[str]]:
         a = argv[i]
         if a == '--data-root':
             if i + 1 >= len(argv):
-                raise SystemExit('basicsr: --data-root needs a folder, e.g. --data-root ../data')
+                raise UsageError('--data-root needs a folder, e.g. --data-root ../data')
             root, i = argv[i + 1], i + 2
             continue
         if a.startswith('--data-root='):
@@ -95,8 +99,12 @@ def _pop_data_root(argv: list[str]) -> tuple[list[str], Optional[str]]:
 def resolve_data_root(opt_path: str, data_root: Optional[str], out_dir: Optional[str] = None) -> str:
     """Return an option file with ``${data_root}`` replaced (a copy in out_dir, default a new temporary
     folder), or opt_path itself when it has no placeholder."""
-    with open(opt_path, encoding='utf-8') as f:
-        text = f.read()
+    try:
+        with open(opt_path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise OptionError(f'{opt_path}: not a text file ({e.reason} at byte {e.start}); give a YAML option '
+                          'file.') from None
     if DATA_ROOT_PLACEHOLDER not in text:
         if data_root is not None:
             print(f'basicsr: --data-root given but {opt_path} has no {DATA_ROOT_PLACEHOLDER} placeholder; ignored.',
@@ -104,10 +112,10 @@ def resolve_data_root(opt_path: str, data_root: Optional[str], out_dir: Optional
         return opt_path
     data_root = data_root or os.environ.get(DATA_ROOT_ENV)
     if not data_root:
-        raise SystemExit(f'basicsr: {opt_path} reads its images from {DATA_ROOT_PLACEHOLDER}; pass --data-root DIR '
+        raise UsageError(f'{opt_path} reads its images from {DATA_ROOT_PLACEHOLDER}; pass --data-root DIR '
                          f'(or set {DATA_ROOT_ENV}).')
     if not os.path.isdir(data_root):
-        raise SystemExit(f'basicsr: --data-root {data_root!r} is not a folder (relative to {os.getcwd()}).')
+        raise UsageError(f'--data-root {data_root!r} is not a folder (relative to {os.getcwd()}).')
     # forward slashes keep the YAML scalar free of backslash escapes on every platform
     resolved = text.replace(DATA_ROOT_PLACEHOLDER, os.path.abspath(data_root).replace(os.sep, '/'))
     out = os.path.join(out_dir or tempfile.mkdtemp(prefix='basicsr_opt_'), os.path.basename(opt_path))
@@ -128,6 +136,7 @@ def run_pipeline(kind: str, argv: Sequence[str]) -> None:
         resolved = resolve_data_root(opt_path, data_root)
         if resolved != opt_path:
             argv = [resolved if a == opt_path else a for a in argv]
+            _OPTION_FILE_ALIASES[resolved] = opt_path
     load_plugins()
     from baryir_plugin import compat
 
@@ -170,8 +179,27 @@ def basicsr_main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[0] not in PIPELINES:
         print(f'basicsr: unknown command {argv[0]!r}.\n{_usage("basicsr")}', file=sys.stderr)
         return 2
-    run_pipeline(argv[0], argv[1:])
-    return 0
+    return guarded_pipeline(argv[0], argv[1:])
+
+
+def guarded_pipeline(kind: str, argv: Sequence[str]) -> int:
+    """:func:`run_pipeline` behind the error boundary (one line per bad input, ``--debug`` for tracebacks)."""
+    status = run_guarded(f'basicsr {kind}', lambda: run_pipeline(kind, argv), debug=debug_requested(argv),
+                         aliases=_OPTION_FILE_ALIASES)
+    if status:
+        _exit_if_distributed(status)
+    return status
+
+
+def _exit_if_distributed(status: int) -> None:
+    """After an error under torchrun, leave at once: a normal interpreter exit can wait forever on the
+    process group and the loader workers of a run that stopped half-way."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,6 +231,7 @@ def _convert_official(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='baryir', description='BaryIR for BasicSR.')
     parser.add_argument('--version', action='store_true', help='print versions and exit')
+    parser.add_argument('--debug', action='store_true', help='show the traceback of an error (also: BARYIR_DEBUG=1)')
     sub = parser.add_subparsers(dest='command')
     for kind in PIPELINES:
         sub.add_parser(kind, add_help=False, help=f"BasicSR's {kind} pipeline (same flags as `basicsr {kind}`)")
@@ -212,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument('--potentials-out', default=None,
                       help='output .pth for the potentials (default: OUTPUT with _potential before the suffix)')
     conv.add_argument('--no-potentials', action='store_true', help='do not write the potentials')
+    conv.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                      help='show the traceback of an error (also: BARYIR_DEBUG=1)')
     conv.set_defaults(func=_convert_official)
     return parser
 
@@ -220,8 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``baryir`` console script and of ``python -m baryir_plugin``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PIPELINES:
-        run_pipeline(argv[0], argv[1:])
-        return 0
+        return guarded_pipeline(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -229,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    return run_guarded(f'baryir {args.command}', lambda: args.func(args), debug=args.debug or debug_requested())
 
 
 if __name__ == '__main__':

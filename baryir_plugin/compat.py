@@ -26,6 +26,19 @@ Patches (name: what breaks without it):
 - ``optimizers``: BasicSR 1.4.2 only builds Adam; any ``torch.optim`` class is accepted by name.
 - ``atomic_save``: checkpoints and training states are written to a temporary file and renamed, so a
   crash mid-write never leaves a truncated ``.pth``/``.state`` behind.
+- ``checkpoints``: loading a missing, truncated or foreign ``.pth`` ends in a traceback from deep inside
+  torch; it is one CheckpointError naming the file (and, for weights that do not fit, the keys). Weights
+  holding NaN/inf are never saved (that iteration's networks and state are skipped, the previous kept).
+  ``--auto_resume`` falls back past an unreadable newest state or network file to the newest complete
+  set, and the start-up removes the temporary files of interrupted saves.
+- ``data_checks``: an unreadable image ends in ``AttributeError: 'NoneType' object has no attribute 'astype'``
+  or a ``cv2.error`` naming no file, unpaired folders in a bare ``assert``, a validation GT larger than its
+  LQ is cropped silently, an empty set is tested as 0 images and a batch larger than the training set
+  trains nothing; each is one DataError naming the file or option (baryir_plugin/data/checks.py).
+- ``check_options``: BasicSR reads an option file with bare indexing and ``exec``, and ignores keys it does
+  not know, so a typo is a traceback hours in or a silent default; ``parse_options`` of ``basicsr.train``
+  and ``basicsr.test`` check the whole file first (baryir_plugin/options_check.py), and a network's or
+  loss's constructor error at build time is one OptionError naming its type.
 
 Distributed teardown (barrier + destroy_process_group) lives in :func:`shutdown_distributed`, called by
 our command line after BasicSR's pipeline returns.
@@ -45,6 +58,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import OptionError
 
 _APPLIED: list[str] = []
 
@@ -83,23 +98,10 @@ def resume_map_location(opt: dict):
 
 
 def load_training_state(path: str, map_location) -> dict:
-    """Load a ``.state`` file with ``weights_only=True``; the scheduler's Counter is allow-listed."""
-    safe = getattr(torch.serialization, 'safe_globals', None)
-    if safe is None:  # torch < 2.5: no allow-list context; weights_only already rejects code
-        return torch.load(path, map_location=map_location, weights_only=True)
-    with safe([collections.Counter]):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _find_latest_state(state_dir: str):
-    if not os.path.isdir(state_dir):
-        return None
-    iters = []
-    for name in os.listdir(state_dir):
-        stem, ext = os.path.splitext(name)
-        if ext == '.state' and stem.isdigit():
-            iters.append(int(stem))
-    return os.path.join(state_dir, f'{max(iters)}.state') if iters else None
+    """Load a ``.state`` file with ``weights_only=True`` (the scheduler's Counter allow-listed); an unreadable
+    file is a CheckpointError naming it."""
+    from .checkpoints import read_training_state
+    return read_training_state(path, map_location)
 
 
 def check_loader_options(opt: dict) -> None:
@@ -110,14 +112,14 @@ def check_loader_options(opt: dict) -> None:
             continue
         for key in ('pin_memory', 'persistent_workers'):
             if key in data_opt and not isinstance(data_opt[key], bool):
-                raise ValueError(f'datasets.{phase}.{key} must be true or false, got {data_opt[key]!r}.')
+                raise OptionError(f'datasets.{phase}.{key} must be true or false, got {data_opt[key]!r}.')
         if not data_opt.get('persistent_workers'):
             continue
         if phase != 'train':
-            raise ValueError(f'datasets.{phase}.persistent_workers: BasicSR loads evaluation sets without worker '
+            raise OptionError(f'datasets.{phase}.persistent_workers: BasicSR loads evaluation sets without worker '
                              'processes; drop the option there (it is for datasets.train).')
         if not data_opt.get('num_worker_per_gpu'):
-            raise ValueError('datasets.train.persistent_workers: true needs worker processes; set '
+            raise OptionError('datasets.train.persistent_workers: true needs worker processes; set '
                              'num_worker_per_gpu > 0 or drop persistent_workers.')
 
 
@@ -134,19 +136,27 @@ def _prepare_train_data(opt: dict) -> None:
 def _load_resume_state(opt: dict):
     from basicsr.utils.misc import check_resume
 
+    from .checkpoints import find_resume_point, remove_interrupted_saves
+
     _prepare_train_data(opt)
+    paths = opt['path']
+    if opt.get('rank', 0) == 0:  # a killed save leaves its temporary file; the run it belonged to is over
+        root = paths.get('experiments_root')
+        remove_interrupted_saves([paths.get('models'), paths.get('training_states'),
+                                  root and os.path.join(root, 'metrics')])
     if opt['auto_resume']:
-        state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
-        path = _find_latest_state(state_dir)
-        if path is not None:
-            opt['path']['resume_state'] = path
+        state_dir = paths.get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
+        found = find_resume_point(opt, state_dir, resume_map_location(opt))
+        if found is None:
+            return None
+        path, state = found
+        paths['resume_state'] = path
     else:
-        path = opt['path'].get('resume_state')
-    if not path:
-        return None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"path.resume_state: no training state at {path!r}; fix the path or drop the option.")
-    state = load_training_state(path, resume_map_location(opt))
+        path = paths.get('resume_state')
+        if not path:
+            return None
+        from .checkpoints import read_training_state
+        state = read_training_state(path, resume_map_location(opt), what='path.resume_state')
     check_resume(opt, state['iter'])
     train_data = opt.get('datasets', {}).get('train')
     if isinstance(train_data, dict):  # read by ResumableEnlargedSampler through dataset.opt
@@ -187,11 +197,13 @@ def _init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
         dist.init_process_group(backend=backend, **kwargs)
     elif launcher == 'slurm':
         if backend != 'nccl':
-            raise RuntimeError(f"--launcher slurm sets a CUDA device per task and needs NCCL (backend was {backend!r}); "
-                               "on CPU use torchrun with --launcher pytorch.")
+            from .errors import SetupError
+            raise SetupError(f'--launcher slurm sets a CUDA device per task and needs NCCL (backend was {backend!r}); '
+                             'on CPU use torchrun with --launcher pytorch.')
         dist_util._init_dist_slurm(backend, **kwargs)
     else:
-        raise ValueError(f'--launcher: unknown launcher {launcher!r}; use none, pytorch or slurm.')
+        from .errors import UsageError
+        raise UsageError(f'--launcher: unknown launcher {launcher!r}; use none, pytorch or slurm.')
 
 
 def _patch_init_dist() -> None:
@@ -259,6 +271,13 @@ class LazyCPUPrefetcher:
             return next(self.loader)
         except StopIteration:
             return None
+        except BaseException:
+            # a bad sample ends the run: stop the workers now, not when the traceback's frames are collected
+            shutdown = getattr(self.loader, '_shutdown_workers', None)
+            if shutdown is not None:
+                shutdown()
+            self.loader = None
+            raise
 
     def reset(self) -> None:
         self.loader = None
@@ -332,7 +351,7 @@ def build_optimizer(optim_type: str, params, lr: float, **kwargs) -> torch.optim
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         known = sorted(n for n, c in vars(torch.optim).items() if isinstance(c, type)
                        and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
-        raise ValueError(f'train.optim_*.type: unknown optimizer {optim_type!r}; use one of {known}.')
+        raise OptionError(f'train.optim_*.type: unknown optimizer {optim_type!r}; use one of {known}.')
     return cls(params, lr, **kwargs)
 
 
@@ -389,6 +408,88 @@ def _patch_atomic_save() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# 9. checkpoints: clear errors on load, no non-finite weights on save
+def _load_network(self, net, load_path, strict=True, param_key='params'):
+    """BaseModel.load_network reading through :func:`baryir_plugin.checkpoints.read_checkpoint`: a missing,
+    truncated or foreign file, an absent ``param_key`` or weights that do not fit the network are one
+    CheckpointError naming the file and the fix."""
+    from basicsr.utils import get_root_logger
+
+    from .checkpoints import read_checkpoint
+    from .errors import CheckpointError
+
+    bare = self.get_bare_model(net)
+    label = type(bare).__name__
+    load_net = read_checkpoint(load_path, f'the {label} checkpoint')
+    if param_key is not None:
+        if not isinstance(load_net, dict):
+            raise CheckpointError(f'the {label} checkpoint {load_path} holds a {type(load_net).__name__}, not a '
+                                  'dict of weights; save {"params": net.state_dict()}.')
+        if param_key not in load_net and 'params' in load_net:
+            get_root_logger().info(f'Loading: {param_key} does not exist, use params.')
+            param_key = 'params'
+        if param_key not in load_net:
+            keys = [k for k in load_net if not torch.is_tensor(load_net[k])][:6]
+            raise CheckpointError(f'the {label} checkpoint {load_path} has no {param_key!r} entry (it has '
+                                  f'{keys or sorted(load_net)[:6]}); set path.param_key_* to one of them.')
+        load_net = load_net[param_key]
+    if not isinstance(load_net, dict) or not all(torch.is_tensor(v) for v in load_net.values()):
+        raise CheckpointError(f'the {label} checkpoint {load_path} is not a state_dict of tensors.')
+    get_root_logger().info(f'Loading {label} model from {load_path}, with param key: [{param_key}].')
+    load_net = collections.OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in load_net.items())
+    self._print_different_keys_loading(bare, load_net, strict)
+    try:
+        bare.load_state_dict(load_net, strict=strict)
+    except RuntimeError as e:
+        missing = sorted(set(bare.state_dict()) - set(load_net))
+        unexpected = sorted(set(load_net) - set(bare.state_dict()))
+        shapes = [k for k, v in load_net.items() if k in bare.state_dict() and bare.state_dict()[k].shape != v.shape]
+        detail = '; '.join(f'{what}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""} ({len(keys)})'
+                           for what, keys in (('missing', missing), ('unexpected', unexpected),
+                                              ('other shape', shapes)) if keys) or ' '.join(str(e).split())[:200]
+        raise CheckpointError(f'the {label} checkpoint {load_path} does not fit the network built from the options '
+                              f'({detail}); give the network options it was trained with, or set '
+                              'path.strict_load_*: false to load the matching part.') from None
+
+
+def _save_network(self, net, net_label, current_iter, param_key='params'):
+    """BaseModel.save_network that refuses weights holding NaN/inf: the previous checkpoint is kept, and the
+    training state of this iteration is not written either (a resume then falls back to a complete set)."""
+    from basicsr.utils import get_root_logger
+
+    from .checkpoints import nonfinite_tensors
+
+    nets = net if isinstance(net, list) else [net]
+    bad = nonfinite_tensors(t for n in nets for t in self.get_bare_model(n).state_dict().values())
+    if bad:
+        self._refused_save_iter = current_iter
+        name = f'{net_label}_{"latest" if current_iter == -1 else current_iter}.pth'
+        get_root_logger().error(f'Not saving {name}: {bad} weight tensor(s) of it hold NaN/inf (the training '
+                                'diverged); the previous checkpoints are kept.')
+        return
+    return _ORIGINAL['save_network'](self, net, net_label, current_iter, param_key)
+
+
+def _save_training_state(self, epoch, current_iter):
+    if getattr(self, '_refused_save_iter', None) == current_iter:
+        return  # its networks were not written: a state without them would be an incomplete set
+    return _ORIGINAL['save_training_state'](self, epoch, current_iter)
+
+
+def _patch_checkpoints() -> None:
+    from basicsr.models.base_model import BaseModel
+    if 'save_network' not in _ORIGINAL:
+        _ORIGINAL['save_network'] = BaseModel.save_network
+        _ORIGINAL['save_training_state'] = BaseModel.save_training_state
+    BaseModel.load_network = _load_network
+    BaseModel.save_network = _save_network
+    BaseModel.save_training_state = _save_training_state
+
+
+_ORIGINAL: dict[str, Callable] = {}
+
+
+# --------------------------------------------------------------------------------------------------
 def shutdown_distributed() -> None:
     """Synchronise all ranks and destroy the process group (BasicSR never does).
 
@@ -410,6 +511,9 @@ _PATCHES: list[tuple[str, Callable[[], None]]] = [
     ('resume_position', _patch_resumable_sampler),
     ('optimizers', _patch_optimizers),
     ('atomic_save', _patch_atomic_save),
+    ('checkpoints', _patch_checkpoints),
+    ('data_checks', lambda: importlib.import_module('.data.checks', __package__).patch()),
+    ('check_options', lambda: importlib.import_module('.options_check', __package__).install()),
 ]
 PATCH_NAMES = tuple(name for name, _ in _PATCHES)
 

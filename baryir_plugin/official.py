@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from baryir_plugin.errors import CheckpointError
+
 # Classes of the release's `model_bary` module and the torch.nn modules it pickles: all become stand-ins.
 _STANDIN_MODULE_PREFIXES = ('model_bary', 'torch.nn.modules.')
 _ALLOWED_GLOBALS = {
@@ -35,7 +37,7 @@ _ALLOWED_GLOBALS = {
 _STORAGE_NAME = re.compile(r'^(Float|Double|Half|BFloat16|Long|Int|Short|Char|Byte|Bool)Storage$')
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """The checkpoint's pickle asks for a global outside the allow-list."""
 
 
@@ -88,14 +90,19 @@ class _RestrictedPickleModule:
 def load_official(path: str) -> dict:
     """Load an official release file with the restricted unpickler (tensors on the CPU)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'official checkpoint not found: {path!r}')
+        raise CheckpointError(f'official checkpoint not found: {path!r} (relative to {os.getcwd()}).')
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f'official checkpoint {path} is empty (0 bytes; an interrupted download?).')
     try:
         ckpt = torch.load(path, map_location='cpu', pickle_module=_RestrictedPickleModule, weights_only=False)
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f'{path}: {e}') from None
+    except Exception as e:  # noqa: BLE001 (every way a file can fail to unpickle: truncated, not torch, ...)
+        from baryir_plugin.checkpoints import _why_unreadable
+        raise CheckpointError(f'official checkpoint {path} cannot be read: {_why_unreadable(e)}.') from e
     if not isinstance(ckpt, dict) or 'BaryIR' not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: not an official BaryIR release file (expected a dict with 'BaryIR' and 'Pots', "
+        keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not an official BaryIR release file (expected a dict with 'BaryIR' and 'Pots', "
                          f'got {keys}). BasicSR .pth files load directly with path.pretrain_network_g.')
     return ckpt
 
@@ -223,12 +230,18 @@ def infer_potentials_config(state: dict[str, torch.Tensor]) -> dict:
 def convert_official(path: str) -> tuple[dict, dict | None]:
     """Return ``(net_g, net_potential)`` BasicSR dicts ``{'params', 'baryir_config'}`` (potential may be None)."""
     ckpt = load_official(path)
-    net_state = convert_baryir_state(module_state_dict(ckpt['BaryIR']))
-    net_g = {'params': net_state, 'baryir_config': infer_baryir_config(net_state)}
-    net_potential = None
-    if ckpt.get('Pots') is not None:
-        pot_state = convert_potentials_state(module_state_dict(ckpt['Pots']))
-        net_potential = {'params': pot_state, 'baryir_config': infer_potentials_config(pot_state)}
+    try:
+        net_state = convert_baryir_state(module_state_dict(ckpt['BaryIR']))
+        net_g = {'params': net_state, 'baryir_config': infer_baryir_config(net_state)}
+        net_potential = None
+        if ckpt.get('Pots') is not None:
+            pot_state = convert_potentials_state(module_state_dict(ckpt['Pots']))
+            net_potential = {'params': pot_state, 'baryir_config': infer_potentials_config(pot_state)}
+    except (KeyError, ValueError, AttributeError, IndexError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CheckpointError(f'{path}: not the BaryIR release this converter knows ({detail}).') from e
     return net_g, net_potential
 
 

@@ -52,4 +52,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from baryir_plugin.errors import guarded_main
+    sys.exit(guarded_main('scripts/amp_sensitivity.py', main))

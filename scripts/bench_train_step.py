@@ -125,4 +125,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from baryir_plugin.errors import guarded_main
+    sys.exit(guarded_main('scripts/bench_train_step.py', main))

@@ -13,7 +13,9 @@ docs/datasets.md. For every set of the selected groups this reports:
 - pairs whose LQ and GT sizes differ.
 
 Exit status 0 when every selected set is present and has no problem (WARNs allowed unless --strict),
-1 otherwise, with a summary naming each failing set and its first offending files.
+1 otherwise, with a summary naming each failing set and its first offending files and a last line
+``scripts/check_datasets.py: error: ...`` with each failing set's first problem. A bad flag is one line
+with exit status 2; ``--debug`` adds the traceback of an error.
 
     python scripts/check_datasets.py --root datasets                          # everything
     python scripts/check_datasets.py --root datasets --group 3deg-train 3deg-test
@@ -30,10 +32,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
-import numpy as np
 
+from baryir_plugin.data.checks import ToolParser, inspect_image, positive_int
 from baryir_plugin.data.layout import (GROUPS, SETS_BY_KEY, DatasetSet, compile_rule, gt_stem, list_images,
                                        lmdb_keys, select, stem)
+from baryir_plugin.errors import DataError, UsageError, guarded_main
+
+PROG = 'scripts/check_datasets.py'
 
 EXAMPLES = 20  # offending names kept per problem kind (JSON); the table shows the first
 
@@ -88,23 +93,6 @@ class Listing:
         if self._env is not None:
             self._env.close()
             self._env = None
-
-
-def inspect_image(buf: bytes | None) -> tuple[tuple[int, int] | None, str | None]:
-    """(height, width) of an encoded image, or (None, why it is unreadable)."""
-    if buf is None:
-        return None, 'key absent from the LMDB'
-    if not buf:
-        return None, 'empty file'
-    # Some decoders fill a truncated image with grey instead of failing: check the end markers too.
-    if buf[:2] == b'\xff\xd8' and buf.rfind(b'\xff\xd9') < buf.rfind(b'\xff\xda'):
-        return None, 'truncated JPEG (no end-of-image marker after the last scan)'
-    if buf[:8] == b'\x89PNG\r\n\x1a\n' and b'IEND' not in buf[-1024:]:
-        return None, 'truncated PNG (no IEND chunk)'
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        return None, 'does not decode'
-    return img.shape[:2], None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,9 +176,12 @@ def check(root: str, sets: list[DatasetSet], decode: bool = True, workers: int |
         def run(job: tuple[Listing, str]) -> tuple[tuple[int, int] | None, str | None]:
             lst, name = job
             try:
-                return inspect_image(lst.read(name))
+                buf = lst.read(name)
             except OSError as err:
-                return None, f'cannot read ({err.strerror or err})'
+                return None, f'cannot be read ({err.strerror or err})'
+            if buf is None:
+                return None, 'is listed in meta_info.txt but not stored in the LMDB'
+            return inspect_image(buf)
 
         workers = workers or min(32, 2 * (os.cpu_count() or 1))
         try:
@@ -237,7 +228,7 @@ def _check_set(s: DatasetSet, listings: dict[str, Listing], shapes: dict, errors
             report.problems.append(_problem('duplicate_stem', dups, 'files with one stem (ambiguous pairing; '
                                             'LMDB keys would collide)'))
     for lst in ([lq] if lq else []) + [gt]:
-        bad = [f'{lst.display(n)} ({errors[(lst.folder, n)]})' for n in lst.names if (lst.folder, n) in errors]
+        bad = [f'{lst.display(n)} {errors[(lst.folder, n)]}' for n in lst.names if (lst.folder, n) in errors]
         if bad:
             report.problems.append(_problem('unreadable', bad, 'unreadable image(s)'))
 
@@ -337,25 +328,42 @@ def format_summary(reports: list[SetReport], strict: bool) -> tuple[bool, str]:
     return ok, '\n'.join(lines)
 
 
+def failure_line(reports: list[SetReport], strict: bool) -> str:
+    """The one-line error for the sets that are missing or broken: each set's first problem."""
+    bad = [r for r in reports if r.status in ('MISSING', 'FAIL')]
+    parts = []
+    for r in bad[:3]:
+        first = (r.problems or (r.warnings if strict else []) or [Problem('', 0, r.status)])[0]
+        what = f'folder {first.examples[0]} not found' if first.kind == 'missing' and first.examples else first.message
+        parts.append(f'{r.set.key}: {what}')
+    more = f'; and {len(bad) - 3} more set(s)' if len(bad) > 3 else ''
+    return (f'{len(bad)} of {len(reports)} selected set(s) missing or broken: {"; ".join(parts)}{more} (the report '
+            'above lists them all; layout and sources: docs/datasets.md).')
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Check the selected sets; raises DataError (after the report) when one is missing or broken."""
+    parser = ToolParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--root', default='datasets', help='dataset root (default: datasets)')
     parser.add_argument('--group', nargs='+', choices=GROUPS, help='groups to check (default: all sets)')
     parser.add_argument('--sets', nargs='+', metavar='KEY',
                         help=f'sets to check, e.g. {", ".join(list(SETS_BY_KEY)[:3])}')
     parser.add_argument('--quick', action='store_true', help='names, counts and pairing only; do not decode images')
     parser.add_argument('--strict', action='store_true', help='a count different from the expected one fails')
-    parser.add_argument('--workers', type=int, default=None, help='decoding threads (default: 2 x CPUs, max 32)')
+    parser.add_argument('--workers', type=positive_int, default=None,
+                        help='decoding threads (default: 2 x CPUs, max 32)')
     parser.add_argument('--json', metavar='OUT', help='also write the full report as JSON')
     args = parser.parse_args(argv)
     try:
         sets = select(args.group, args.sets)
     except ValueError as err:
-        parser.error(str(err))
+        raise UsageError(f'--sets: {err}') from None
     if not os.path.isdir(args.root):
-        print(f'error: dataset root {args.root!r} is not a folder (see docs/datasets.md for the layout)',
-              file=sys.stderr)
-        return 1
+        what = 'is a file, not a folder' if os.path.exists(args.root) else 'does not exist'
+        raise DataError(f'--root {args.root!r} {what} (relative to {os.getcwd()}); give the dataset root laid out as '
+                        'docs/datasets.md describes.')
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UsageError(f'--json {args.json!r}: its folder does not exist; create it or write the report elsewhere.')
     if hasattr(cv2, 'utils') and hasattr(cv2.utils, 'logging'):
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # corrupt files are reported below
     reports = check(args.root, sets, decode=not args.quick, workers=args.workers, strict=args.strict)
@@ -371,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, 'w', encoding='utf-8') as f:
             json.dump({'root': args.root, 'ok': ok, 'strict': args.strict,
                        'sets': [r.as_json() for r in reports]}, f, indent=2)
-    return 0 if ok else 1
+    if not ok:
+        sys.stdout.flush()
+        raise DataError(failure_line(reports, args.strict))
+    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(guarded_main(PROG, main))

@@ -65,4 +65,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from baryir_plugin.errors import guarded_main
+    sys.exit(guarded_main('scripts/gpu_check.py', main))

@@ -19,6 +19,10 @@ the validation crops).
 
     python scripts/make_demo_data.py --out datasets/demo            # the README's demo (seconds)
     python scripts/make_demo_data.py --out DIR --preset tiny --lmdb  # what the tests use
+
+An existing ``--out`` is replaced only when it is empty or holds an earlier demo set (the marker file
+``.baryir-demo-data`` this script writes there); any other folder is refused, so a mistyped ``--out``
+never deletes data.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import sys
 import cv2
 import numpy as np
 
+PROG = 'scripts/make_demo_data.py'
+MARKER = '.baryir-demo-data'  # written into --out: an earlier demo set may be replaced
 PAIRED = ('rain', 'haze', 'blur', 'lowlight')
 PRESETS = {
     # train: photos cut into tiles of train_size; val: (photo, height, width) centre crops
@@ -51,9 +57,37 @@ def _basicsr():
     return basicsr
 
 
+def _errors():
+    _basicsr()
+    from baryir_plugin import errors
+    return errors
+
+
+def check_out(out: str) -> None:
+    """``out`` may be written: absent, empty, or an earlier demo set with its marker (which is replaced).
+
+    Raises:
+        DataError: ``out`` is a file, or a folder holding anything else.
+    """
+    errors = _errors()
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise errors.DataError(f'--out {out!r} is a file; give a folder for the demo set.')
+    entries = set(os.listdir(out))
+    if entries and MARKER not in entries:
+        shown = ', '.join(sorted(entries)[:3]) + (', ...' if len(entries) > 3 else '')
+        raise errors.DataError(f'--out {out!r} exists and is not a demo set written by this script (it holds '
+                               f'{shown}); nothing was written. Choose another --out, or remove the folder yourself.')
+
+
 def load_photo(name: str) -> np.ndarray:
     """A bundled scikit-image photo as uint8 BGR (H, W, 3)."""
-    from skimage import data
+    try:
+        from skimage import data
+    except ImportError as err:
+        raise _errors().SetupError(f'scikit-image is needed for the demo photos ({err}); install it with '
+                                   'pip install scikit-image.') from None
 
     img = data.stereo_motorcycle()[0] if name == 'motorcycle_left' else getattr(data, name)()
     if img.ndim == 2:
@@ -79,7 +113,8 @@ def _tiles(img: np.ndarray, size: int, count: int, rng: np.random.Generator, shr
 def _write(path: str, img: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if not cv2.imwrite(path, img):
-        raise OSError(f'could not write {path}')
+        raise _errors().SetupError(f'{path}: could not be written; check that the folder is writable and the disk '
+                                   'has space.')
 
 
 def input_psnr(pair_dir: str) -> float:
@@ -114,13 +149,18 @@ def _write_training_pairs(out: str, tiles: list[tuple[str, np.ndarray]], rng: np
 
 
 def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> dict:
-    """Write the dataset under ``out`` (replacing it); returns the number of images per folder."""
+    """Write the dataset under ``out`` (replacing an earlier demo set there, see :func:`check_out`); returns the
+    number of images per folder."""
     from baryir_plugin.data.degradations import degrade
 
     cfg = PRESETS[preset]
     rng = np.random.default_rng(seed)
+    check_out(out)
     if os.path.isdir(out):
         shutil.rmtree(out)
+    os.makedirs(out)
+    with open(os.path.join(out, MARKER), 'w', encoding='utf-8') as f:
+        f.write('written by scripts/make_demo_data.py; the folder is replaced when the script runs again\n')
     counts: dict[str, int] = {}
     photos = {photo: load_photo(photo) for photo in cfg['train_photos']}
     tiles = [(f'{photo}_{i:02d}', tile) for photo, img in photos.items()
@@ -143,19 +183,24 @@ def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> 
     counts['val'] = len(cfg['val'])
     if lmdb:
         folders = [os.path.join(out, 'train', 'clean')]
-        folders += [os.path.join(out, split, kind, sub) for split, kinds in (('train', PAIRED), ('val', ('noise',) + PAIRED))
-                    for kind in kinds for sub in ('gt', 'lq')]
+        splits = (('train', PAIRED), ('val', ('noise',) + PAIRED))
+        folders += [os.path.join(out, split, kind, sub) for split, kinds in splits for kind in kinds
+                    for sub in ('gt', 'lq')]
         for folder in folders:
             _make_lmdb(folder)
     return counts
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default='datasets/demo', help='output folder (replaced if it exists)')
+    _basicsr()
+    from baryir_plugin.data.checks import ToolParser, non_negative_int
+
+    parser = ToolParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default='datasets/demo',
+                        help='output folder (an earlier demo set there is replaced; any other folder is refused)')
     parser.add_argument('--preset', choices=sorted(PRESETS), default='demo')
     parser.add_argument('--lmdb', action='store_true', help='also write BasicSR LMDB twins')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=non_negative_int, default=0)
     args = parser.parse_args(argv)
     counts = build(args.out, args.preset, args.lmdb, args.seed)
     print(f"wrote {counts['train']} training tiles x 5 degradations and {counts['val']} validation images x 5 "
@@ -167,4 +212,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    _basicsr()
+    from baryir_plugin.errors import guarded_main
+
+    sys.exit(guarded_main(PROG, main))

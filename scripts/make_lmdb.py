@@ -12,6 +12,9 @@ Every folder of the selected sets becomes ``OUT/<folder>.lmdb``, written by Basi
 Each LMDB is written under a temporary hidden name in its destination folder and renamed when complete,
 so an interrupted run never leaves a partial LMDB under the final name (a leftover temporary is removed
 by the next run). Existing LMDBs are kept (the run stops before writing anything) unless ``--overwrite``.
+Every image is decoded once before anything is written: an unreadable one (empty, truncated, not an
+image) stops the run with one line naming it. A bad input is one ``scripts/make_lmdb.py: error: ...``
+line (exit status 1; 2 for a bad flag).
 Finally the YAML lines that read the LMDBs are printed.
 
     python scripts/make_lmdb.py --root datasets --out datasets_lmdb --group 3deg-train
@@ -29,12 +32,15 @@ import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from baryir_plugin.data.checks import ToolParser, decode, positive_int
 from baryir_plugin.data.layout import GROUPS, SETS_BY_KEY, DatasetSet, list_images, select, stem
+from baryir_plugin.errors import DataError, UsageError, guarded_main
 
+PROG = 'scripts/make_lmdb.py'
 DEFAULT_GROUPS = ('3deg-train', '5deg-train')
 
 
-class LmdbError(RuntimeError):
+class LmdbError(DataError):
     """A problem with the input that stops the run before (or while) writing; the message says the fix."""
 
 
@@ -46,24 +52,52 @@ def _folders(sets: list[DatasetSet]) -> list[str]:
     return seen
 
 
-def plan(root: str, out: str, sets: list[DatasetSet], overwrite: bool = False) -> list[tuple[str, str, list[str]]]:
+def unreadable_images(src: str, names: list[str], workers: int | None = None) -> list[str]:
+    """``<path> <why>`` for every image of ``src`` that is not a whole image (decoded as BasicSR will read it:
+    cv2, unchanged depth and channels; truncated JPEG/PNG files are caught by their end markers)."""
+    import cv2
+
+    def problem(name: str) -> str | None:
+        path = os.path.join(src, name)
+        try:
+            with open(path, 'rb') as f:
+                buf = f.read()
+        except OSError as err:
+            return f'{path} cannot be read ({err.strerror or err})'
+        img, why = decode(buf, cv2.IMREAD_UNCHANGED)
+        return None if img is not None else f'{path} {why}'
+
+    with ThreadPoolExecutor(max_workers=workers or min(16, 2 * (os.cpu_count() or 1))) as pool:
+        return [p for p in pool.map(problem, names) if p]
+
+
+def _one_line(problems: list[str]) -> str:
+    more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+    return 'nothing written: ' + '; '.join(problems[:3]) + more
+
+
+def plan(root: str, out: str, sets: list[DatasetSet], overwrite: bool = False,
+         verify: bool = True) -> list[tuple[str, str, list[str]]]:
     """Validate the inputs and outputs; returns (source folder, target .lmdb, image names) per folder.
 
-    Everything that would make BasicSR fail mid-way is caught here, before any LMDB is written.
+    Everything that would make BasicSR fail mid-way (or store a broken image) is caught here, before any
+    LMDB is written.
 
     Raises:
         LmdbError: a folder is missing or empty, two images share a stem (one LMDB key), a stem is not
-            ASCII (BasicSR encodes keys as ASCII), or a target exists and ``overwrite`` is False.
+            ASCII (BasicSR encodes keys as ASCII), an image is unreadable (``verify``: every image is
+            decoded), or a target exists and ``overwrite`` is False. One line: the first problems.
     """
     jobs, problems, existing = [], [], []
     for folder in _folders(sets):
         src, dst = os.path.join(root, folder), os.path.join(out, folder + '.lmdb')
         if not os.path.isdir(src):
-            problems.append(f'{src}: folder not found (run scripts/check_datasets.py --root {root})')
+            what = 'is a file, not a folder' if os.path.exists(src) else 'not found'
+            problems.append(f'{src}: folder {what} (run scripts/check_datasets.py --root {root})')
             continue
         names = list_images(src)
         if not names:
-            problems.append(f'{src}: no images')
+            problems.append(f'{src}: no images (files ending in .png .jpg .jpeg .bmp .tif .tiff .webp)')
             continue
         by_stem: dict[str, str] = {}
         for name in names:
@@ -80,7 +114,12 @@ def plan(root: str, out: str, sets: list[DatasetSet], overwrite: bool = False) -
         problems.append(f'{len(existing)} LMDB(s) exist already, e.g. {existing[0]}; pass --overwrite to replace '
                         'them, or choose another --out')
     if problems:
-        raise LmdbError('nothing written:\n  ' + '\n  '.join(problems))
+        raise LmdbError(_one_line(problems))
+    if verify:
+        bad = [p for src, _, names in jobs for p in unreadable_images(src, names)]
+        if bad:
+            raise LmdbError(_one_line([f'{len(bad)} unreadable image(s): {bad[0]}'] + bad[1:]) +
+                            '; replace or remove them (scripts/check_datasets.py lists them all)')
     return jobs
 
 
@@ -179,7 +218,8 @@ def yaml_lines(out: str, sets: list[DatasetSet]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Convert the selected folders; raises LmdbError (a DataError) or UsageError for a bad input."""
+    parser = ToolParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--root', default='datasets', help='dataset root to read (default: datasets)')
     parser.add_argument('--out', required=True, help='root of the LMDB tree to write, e.g. datasets_lmdb')
     parser.add_argument('--group', nargs='+', choices=GROUPS,
@@ -188,29 +228,34 @@ def main(argv: list[str] | None = None) -> int:
                         help=f'sets to convert, e.g. {", ".join(list(SETS_BY_KEY)[:3])}')
     parser.add_argument('--compress-level', type=int, default=1, choices=range(10), metavar='0-9',
                         help='PNG compression level of the stored images (default 1: fast to decode)')
-    parser.add_argument('--workers', type=int, default=1,
+    parser.add_argument('--workers', type=positive_int, default=1,
                         help='processes reading images (default 1; N > 1 holds a whole folder in memory)')
     parser.add_argument('--overwrite', action='store_true', help='replace existing LMDBs')
     args = parser.parse_args(argv)
     if os.path.abspath(args.out) == os.path.abspath(args.root):
-        parser.error('--out must differ from --root (the LMDBs mirror the tree beside the folders)')
+        raise UsageError('--out must differ from --root (the LMDBs mirror the tree beside the folders)')
+    if not os.path.isdir(args.root):
+        what = 'is a file, not a folder' if os.path.exists(args.root) else 'does not exist'
+        raise LmdbError(f'--root {args.root!r} {what} (relative to {os.getcwd()}); give the dataset root laid out as '
+                        'docs/datasets.md describes.')
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise LmdbError(f'--out {args.out!r} is a file; give a folder for the LMDB tree.')
     groups = args.group if args.group or args.sets else list(DEFAULT_GROUPS)
     try:
         sets = select(groups, args.sets)
-        jobs = plan(args.root, args.out, sets, args.overwrite)
-        for i, (src, dst, names) in enumerate(jobs, 1):
-            print(f'[{i}/{len(jobs)}] {src} ({len(names)} images) -> {dst}', flush=True)
-            if any('.' in stem(n) for n in names):
-                print(f'note: some keys of {dst} contain dots; BasicSR\'s PairedImageDataset and paths_from_lmdb cut '
-                      'keys at the first dot, so read it with StemMatchedPairedDataset / JPEGCompressionDataset')
-            write_lmdb(src, dst, names, args.compress_level, args.workers, args.overwrite)
-    except (LmdbError, ValueError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 1
+    except ValueError as err:
+        raise UsageError(f'--sets: {err}') from None
+    jobs = plan(args.root, args.out, sets, args.overwrite)
+    for i, (src, dst, names) in enumerate(jobs, 1):
+        print(f'[{i}/{len(jobs)}] {src} ({len(names)} images) -> {dst}', flush=True)
+        if any('.' in stem(n) for n in names):
+            print(f'note: some keys of {dst} contain dots; BasicSR\'s PairedImageDataset and paths_from_lmdb cut '
+                  'keys at the first dot, so read it with StemMatchedPairedDataset / JPEGCompressionDataset')
+        write_lmdb(src, dst, names, args.compress_level, args.workers, args.overwrite)
     print(f'\nwrote {len(jobs)} LMDB(s) under {args.out}')
     print(yaml_lines(args.out, sets))
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(guarded_main(PROG, main))

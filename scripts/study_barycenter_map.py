@@ -217,4 +217,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from baryir_plugin.errors import guarded_main
+    sys.exit(guarded_main('scripts/study_barycenter_map.py', main))

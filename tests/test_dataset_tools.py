@@ -24,6 +24,7 @@ from basicsr.utils import FileClient, imfrombytes
 from baryir_plugin.data import layout
 from baryir_plugin.data.jpeg_dataset import JPEGCompressionDataset
 from baryir_plugin.data.stem_matched_dataset import StemMatchedPairedDataset
+from baryir_plugin.errors import DataError, guarded_main
 
 from .conftest import OPTIONS, REPO, bin_path, load_script, run
 from .fake_tree import make_fake_tree
@@ -85,7 +86,8 @@ def test_check_datasets_passes_on_the_fake_tree(project, capsys, tmp_path):
     assert 'All selected sets are present and readable.' in out
     data = json.loads(report.read_text())
     assert data['ok'] and {r['status'] for r in data['sets']} == {'OK', 'WARN'}  # tiny counts only warn
-    assert check.main(['--root', str(project / 'datasets'), '--group', '3deg-train', '--strict']) == 1
+    assert guarded_main(check.PROG, check.main, ['--root', str(project / 'datasets'), '--group', '3deg-train',
+                                                 '--strict']) == 1
     # the LMDB twins check too
     assert check.main(['--root', str(project / 'datasets_lmdb'), '--group', '5deg-train']) == 0
     assert re.search(r'^train/haze\s+\S+\s+3\s+2\s', capsys.readouterr().out, re.M)
@@ -161,12 +163,12 @@ def test_stem_matched_errors_name_the_file_and_the_fix(project, tmp_path):
     (root / 'train/rain/gt/norain-2.png').unlink()
     opt = _stem_opt(project, 'train/rain', dataroot_lq=str(root / 'train/rain/lq'),
                     dataroot_gt=str(root / 'train/rain/gt'))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataError) as err:
         StemMatchedPairedDataset(opt)
     msg = str(err.value)
     assert 'rain-2.png' in msg and "GT stem 'norain-2'" in msg and "['^rain-', 'norain-']" in msg
     assert '1 of 3 LQ images lack a GT' in msg and 'Fix:' in msg
-    with pytest.raises(FileNotFoundError, match=r"no GT for LQ .*rain-1\.png.*no lq_to_gt rule"):
+    with pytest.raises(DataError, match=r"no GT for LQ .*rain-1\.png.*no lq_to_gt rule"):
         StemMatchedPairedDataset({**opt, 'lq_to_gt': None})
     shutil.copy(root / 'train/rain/gt/norain-1.png', root / 'train/rain/gt/norain-1.jpg')
     with pytest.raises(ValueError, match=r"'norain-1.jpg' and 'norain-1.png'.*share the stem|"
@@ -252,7 +254,7 @@ def test_make_lmdb_refuses_to_overwrite_and_never_leaves_a_partial_lmdb(project,
     assert f'dataroot_lq: {tmp_path}/lmdb/train/rain/lq.lmdb' in out and 'io_backend: {type: lmdb}' in out
     data = tmp_path / 'lmdb/train/rain/lq.lmdb/data.mdb'
     before = data.stat().st_mtime_ns
-    assert make_lmdb.main(args) == 1
+    assert guarded_main(make_lmdb.PROG, make_lmdb.main, args) == 1
     err = capsys.readouterr().err
     assert 'exist already' in err and 'lq.lmdb' in err and '--overwrite' in err
     assert data.stat().st_mtime_ns == before
@@ -373,5 +375,5 @@ def test_clean_image_sources_list_only_images_and_name_a_corrupt_file(tmp_path, 
     assert len(ds) == 2  # a.png and b.png, not README.txt
     sample = ds[0]
     assert torch.equal(sample['gt'], torch.from_numpy(img[..., ::-1].transpose(2, 0, 1) / 255.0).float())
-    with pytest.raises(OSError, match=re.escape(str(folder / 'b.png'))):
+    with pytest.raises(DataError, match=re.escape(str(folder / 'b.png'))):
         ds[1]

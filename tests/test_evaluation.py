@@ -17,6 +17,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 
 from baryir_plugin.archs import BaryIR
 from baryir_plugin.cli import resolve_data_root
+from baryir_plugin.errors import UsageError
 
 from .conftest import bin_path, run, shared_path
 
@@ -158,9 +159,9 @@ def test_data_root_placeholder(tmp_path, monkeypatch):
     loaded = yaml.safe_load(Path(resolved).read_text())
     assert loaded['datasets']['test_1']['dataroot_gt'] == (tmp_path / 'root').resolve().as_posix() + '/CBSD68'
     monkeypatch.delenv('BARYIR_DATA_ROOT', raising=False)
-    with pytest.raises(SystemExit, match='--data-root'):
+    with pytest.raises(UsageError, match='--data-root'):
         resolve_data_root(str(opt), None)
-    with pytest.raises(SystemExit, match='not a folder'):
+    with pytest.raises(UsageError, match='not a folder'):
         resolve_data_root(str(opt), str(tmp_path / 'missing'))
     monkeypatch.setenv('BARYIR_DATA_ROOT', str(tmp_path / 'root'))
     assert Path(resolve_data_root(str(opt), None)).read_text().count('/CBSD68') == 1

@@ -9,8 +9,10 @@ import torch
 
 from baryir_plugin import cli
 from baryir_plugin.archs import BaryIR, BarycenterPotentials
+from baryir_plugin.errors import CheckpointError
 from baryir_plugin.official import UnsafeCheckpointError, convert_official, load_official, map_official_key
 
+from .bad_input import assert_clean_error, run_inprocess
 from .conftest import shared_path
 
 TOL = 1e-4
@@ -95,8 +97,8 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, payload_cls,
     torch.save({'epoch': 1, 'BaryIR': payload, 'Pots': None}, path)
     with pytest.raises(UnsafeCheckpointError, match=refused):
         load_official(str(path))
-    with pytest.raises(UnsafeCheckpointError, match='not a module class of the official release'):
-        cli.main(['convert-official', str(path), str(tmp_path / 'out.pth')])
+    outcome = run_inprocess(cli.main, ['convert-official', str(path), str(tmp_path / 'out.pth')])
+    assert_clean_error(outcome, 'baryir convert-official', str(path), 'not a module class of the official release')
     assert not (tmp_path / 'pwned').exists()
     assert not (tmp_path / 'out.pth').exists()
 
@@ -128,5 +130,5 @@ def test_plain_state_dict_is_not_mistaken_for_a_release_file(tmp_path):
     torch.save({'params': {'w': torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match='not an official BaryIR release file'):
         load_official(str(path))
-    with pytest.raises(FileNotFoundError, match='official checkpoint not found'):
+    with pytest.raises(CheckpointError, match='official checkpoint not found'):
         load_official(str(tmp_path / 'missing.pt'))

@@ -8,11 +8,12 @@ import random
 from typing import Any
 
 import torch
-from basicsr.data import build_dataset
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
+from ..errors import OptionError
+from . import checks
 from .seeding import SeededDraws
 
 # Options every source inherits from the AllInOneDataset entry unless it sets its own.
@@ -59,10 +60,12 @@ class AllInOneDataset(SeededDraws, data.Dataset):
     def __init__(self, opt: dict) -> None:
         super().__init__()
         self.opt = opt
+        # sources are datasets.<entry>.sources[i] in messages
+        self.where = checks.current_where() or f'datasets.{opt.get("phase", "train")}'
         entries = opt.get('sources')
         if not isinstance(entries, list) or not entries:
-            raise ValueError(f'AllInOneDataset ({opt.get("name", "unnamed")}): option `sources` must be a non-empty '
-                             'list of dataset entries, each with a `name` and a `type`.')
+            raise OptionError(f'{self.where} (AllInOneDataset {opt.get("name", "unnamed")}): option `sources` must be '
+                              'a non-empty list of dataset entries, each with a `name` and a `type`.')
         self.source_names: list[str] = []
         self.sources: list[data.Dataset] = []
         self.repeats: list[int] = []
@@ -80,24 +83,23 @@ class AllInOneDataset(SeededDraws, data.Dataset):
             logger.info(f'AllInOneDataset source {name!r}: {len(ds)} samples x {r} = {n}')
 
     def _add_source(self, i: int, entry: Any) -> None:
+        where = f'{self.where}.sources[{i}]'
         if not isinstance(entry, dict) or 'type' not in entry or 'name' not in entry:
-            raise ValueError(f'AllInOneDataset: sources[{i}] needs `name` and `type` (a registered BasicSR dataset), '
-                             f'got {entry!r}.')
+            raise OptionError(f'AllInOneDataset: {where} needs `name` and `type` (a registered BasicSR dataset), '
+                              f'got {entry!r}.')
         name = str(entry['name'])
         if name in self.source_names:
-            raise ValueError(f'AllInOneDataset: source name {name!r} appears twice; names must be unique.')
-        repeat = int(entry.get('repeat', 1))
-        if repeat < 1:
-            raise ValueError(f'AllInOneDataset: sources[{i}] ({name}) repeat must be >= 1, got {repeat}.')
+            raise OptionError(f'AllInOneDataset: {where}: source name {name!r} appears twice; names must be unique.')
+        repeat = entry.get('repeat', 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise OptionError(f'AllInOneDataset: {where} ({name}) repeat must be an integer >= 1, got {repeat!r}.')
         sub = {k: copy.deepcopy(v) for k, v in entry.items() if k not in _OWN_KEYS}
         for key in _SHARED_KEYS:
             if key not in sub and key in self.opt:
                 sub[key] = copy.deepcopy(self.opt[key])
         sub.setdefault('scale', 1)
         sub['name'] = f'{self.opt.get("name", "all_in_one")}/{name}'
-        dataset = build_dataset(sub)
-        if len(dataset) == 0:
-            raise ValueError(f'AllInOneDataset: source {name!r} is empty; check its dataroot options.')
+        dataset = checks.build_checked(sub, where=where)  # names where.dataroot_* etc.; refuses an empty source
         labels = entry.get('labels') or getattr(dataset, 'degradation_names', None) or [name]
         ids = []
         for label in labels:
@@ -120,9 +122,10 @@ class AllInOneDataset(SeededDraws, data.Dataset):
     def _permute_channels(self, sample: dict, source: int) -> None:
         """One random order of the colour channels (1 of 6, python's ``random``), the same for lq and gt."""
         if sample['lq'].shape[0] != 3 or sample['gt'].shape[0] != 3:
-            raise ValueError(f'AllInOneDataset ({self.opt.get("name", "unnamed")}): channel_permute needs 3-channel '
-                             f'images, but source {self.source_names[source]!r} gives lq {tuple(sample["lq"].shape)} and '
-                             f'gt {tuple(sample["gt"].shape)}; turn channel_permute off for Y-channel or grey data.')
+            raise OptionError(f'AllInOneDataset ({self.opt.get("name", "unnamed")}): channel_permute needs 3-channel '
+                              f'images, but source {self.source_names[source]!r} gives lq {tuple(sample["lq"].shape)} '
+                              f'and gt {tuple(sample["gt"].shape)}; turn channel_permute off for Y-channel or grey '
+                              'data.')
         order = torch.tensor(random.sample(range(3), 3))
         sample['lq'], sample['gt'] = sample['lq'][order], sample['gt'][order]
 
@@ -139,8 +142,8 @@ class AllInOneDataset(SeededDraws, data.Dataset):
         local = int(sample.pop('degradation', 0))
         ids = self._label_ids[source]
         if local >= len(ids):
-            raise IndexError(f'AllInOneDataset: source {self.source_names[source]!r} returned degradation {local} '
-                             f'but has only {len(ids)} labels {ids}; set its `labels` option.')
+            raise OptionError(f'AllInOneDataset: source {self.source_names[source]!r} returned degradation {local} '
+                              f'but has only {len(ids)} labels {ids}; set its `labels` option.')
         if self.channel_permute:
             self._permute_channels(sample, source)
         sample['source_id'] = torch.tensor(source)

@@ -10,6 +10,8 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
+from ..errors import OptionError
+from . import checks
 from .seeding import SeededDraws
 from .stem_matched_dataset import clean_image_paths, open_file_client, read_clean_view
 
@@ -48,18 +50,18 @@ class JPEGCompressionDataset(SeededDraws, data.Dataset):
     def __init__(self, opt: dict) -> None:
         super().__init__()
         self.opt = opt
-        who = f'JPEGCompressionDataset ({opt.get("name", "unnamed")})'
+        self.who = who = checks.dataset_label(opt, 'JPEGCompressionDataset')
         if not opt.get('dataroot_gt'):
-            raise KeyError(f'{who}: option dataroot_gt (folder or LMDB of clean images) is required.')
+            raise OptionError(f'{who}: option dataroot_gt (folder or LMDB of clean images) is required.')
         quality = opt.get('quality', 10)
         # bool is an int subclass: `quality: true` is a YAML slip, not quality 1
         if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-            raise ValueError(f'{who}: quality must be an integer in 1..100, got {quality!r}.')
+            raise OptionError(f'{who}: quality must be an integer in 1..100, got {quality!r}.')
         self.quality = quality
         if opt.get('scale', 1) != 1:
-            raise ValueError(f'{who}: scale must be 1, got {opt["scale"]!r}.')
+            raise OptionError(f'{who}: scale must be 1, got {opt["scale"]!r}.')
         if opt.get('phase') == 'train' and not opt.get('gt_size'):
-            raise KeyError(f'{who}: option gt_size (training crop size) is required in the train phase.')
+            raise OptionError(f'{who}: option gt_size (training crop size) is required in the train phase.')
         self.mean = opt.get('mean')
         self.std = opt.get('std')
         self._read_seed(opt, who)
@@ -73,7 +75,7 @@ class JPEGCompressionDataset(SeededDraws, data.Dataset):
     def _sample(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         gt_path = self.paths[index]
-        clean = read_clean_view(self.file_client, gt_path, self.opt)
+        clean = read_clean_view(self.file_client, gt_path, self.opt, self.who)
         lq = jpeg_compress(clean, self.quality)
         gt, lq = img2tensor([clean.astype(np.float32) / 255.0, lq.astype(np.float32) / 255.0], bgr2rgb=True,
                             float32=True)

@@ -9,6 +9,8 @@ from basicsr.utils import img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
+from ..errors import OptionError
+from . import checks
 from .degradations import gaussian_noise
 from .seeding import SeededDraws
 from .stem_matched_dataset import clean_image_paths, open_file_client, read_clean_view
@@ -40,15 +42,22 @@ class GaussianNoiseDataset(SeededDraws, data.Dataset):
     def __init__(self, opt: dict) -> None:
         super().__init__()
         self.opt = opt
+        self.who = who = checks.dataset_label(opt, 'GaussianNoiseDataset')
         for key in ('dataroot_gt', 'sigmas'):
-            if key not in opt:
-                raise KeyError(f'GaussianNoiseDataset ({opt.get("name", "unnamed")}): option {key!r} is required.')
-        self.sigmas: list[float] = [float(s) for s in opt['sigmas']]
-        if not self.sigmas or any(s < 0 for s in self.sigmas):
-            raise ValueError(f'GaussianNoiseDataset: sigmas must be a non-empty list of values >= 0, got {opt["sigmas"]}.')
+            if opt.get(key) is None:
+                raise OptionError(f'{who}: option {key!r} is required.')
+        sigmas = opt['sigmas'] if isinstance(opt['sigmas'], (list, tuple)) else [opt['sigmas']]
+        try:
+            self.sigmas: list[float] = [float(s) for s in sigmas]
+        except (TypeError, ValueError):
+            self.sigmas = []
+        if not self.sigmas or any(not s >= 0 for s in self.sigmas) or any(isinstance(s, bool) for s in sigmas):
+            raise OptionError(f'{who}: sigmas must be a non-empty list of numbers >= 0 (noise levels on the 0-255 '
+                              f'scale), got {opt["sigmas"]!r}.')
+        if opt.get('phase') == 'train' and not opt.get('gt_size'):
+            raise OptionError(f'{who}: option gt_size (training crop size) is required in the train phase.')
         self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.file_client = None
-        who = f'GaussianNoiseDataset ({opt.get("name", "unnamed")})'
         self.paths = clean_image_paths(str(opt['dataroot_gt']), self.io_backend_opt, who)
         self.noise_seed = int(opt.get('noise_seed', 0))
         self._read_seed(opt, who)
@@ -65,7 +74,7 @@ class GaussianNoiseDataset(SeededDraws, data.Dataset):
         label, image_index = divmod(index, len(self.paths))
         sigma = self.sigmas[label]
         gt_path = self.paths[image_index]
-        clean = read_clean_view(self.file_client, gt_path, self.opt)  # uint8 BGR
+        clean = read_clean_view(self.file_client, gt_path, self.opt, self.who)  # uint8 BGR
         if self.opt.get('phase') == 'train':
             noisy = gaussian_noise(clean, None, sigma)
         else:

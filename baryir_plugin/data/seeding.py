@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from ..errors import OptionError
+
 
 class SampleIndex(int):
     """A dataset index that also says in which epoch it is drawn and its slot in that epoch.
@@ -52,7 +54,7 @@ def check_seed(opt: dict, who: str) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f'{who}: manual_seed must be a non-negative integer (the run seed that fixes every '
+        raise OptionError(f'{who}: manual_seed must be a non-negative integer (the run seed that fixes every '
                          f'training sample\'s random draws), got {seed!r}; set the top-level manual_seed instead.')
     return int(seed)
 

@@ -3,38 +3,34 @@ from __future__ import annotations
 
 import os
 
-import cv2
 import numpy as np
 from basicsr.data.transforms import augment, paired_random_crop
-from basicsr.utils import FileClient, bgr2ycbcr, img2tensor
+from basicsr.utils import bgr2ycbcr, img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
+from ..errors import DataError, OptionError
+from . import checks
+from .checks import CheckedFileClient
 from .layout import compile_rule, gt_stem, list_images, lmdb_keys, stem
 from .seeding import SeededDraws
 
 
-def open_file_client(io_backend_opt: dict) -> FileClient:
-    """A BasicSR FileClient from ``io_backend`` options; datasets open it lazily, in each loader worker."""
+def open_file_client(io_backend_opt: dict) -> CheckedFileClient:
+    """A BasicSR FileClient from ``io_backend`` options that names a missing file or LMDB key; datasets open
+    it lazily, in each loader worker."""
     opt = dict(io_backend_opt)
-    return FileClient(opt.pop('type'), **opt)
+    return CheckedFileClient(opt.pop('type'), **opt)
 
 
-def read_image(file_client: FileClient, path: str, client_key: str) -> np.ndarray:
-    """uint8 BGR (H, W, 3) image from a BasicSR FileClient; grey images are expanded to 3 channels.
+def read_image(file_client: CheckedFileClient, path: str, client_key: str, who: str = '') -> np.ndarray:
+    """uint8 BGR (H, W, 3) image from a file client; grey images are expanded to 3 channels.
 
     Raises:
-        OSError: the file / LMDB key is absent or does not decode (names it and says how to find others).
+        DataError: the file / LMDB key is absent or is not a whole image (names it and says what to do).
     """
-    buf = file_client.get(path, client_key)
-    if buf is None:  # the LMDB backend returns None for an absent key
-        raise OSError(f'{client_key} image {path!r}: key not in the LMDB; rebuild it with scripts/make_lmdb.py.')
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise OSError(f'{client_key} image {path!r} does not decode (corrupt or truncated); replace it and run '
-                      'scripts/check_datasets.py to find any others.')
-    return img
+    return checks.read_image(file_client, path, client_key, who)
 
 
 def clean_image_paths(root: str, io_backend_opt: dict, who: str) -> list[str]:
@@ -43,39 +39,37 @@ def clean_image_paths(root: str, io_backend_opt: dict, who: str) -> list[str]:
     ``client_keys`` (``'gt'``).
 
     Raises:
-        FileNotFoundError: not a folder (disk) or not a BasicSR LMDB.
-        ValueError: no images there.
+        DataError: not a folder (disk) or not a BasicSR LMDB, or no images there.
     """
     if io_backend_opt.get('type') == 'lmdb':
         io_backend_opt['db_paths'] = [root]
         io_backend_opt['client_keys'] = ['gt']
-        paths = sorted(lmdb_keys(root))
+        try:
+            paths = sorted(lmdb_keys(root))
+        except FileNotFoundError as err:
+            raise DataError(f'{who}: dataroot_gt: {err}') from None
     else:
         if not os.path.isdir(root):
-            raise FileNotFoundError(f'{who}: dataroot_gt {root!r} is not a folder (for an LMDB set '
-                                    'io_backend: {type: lmdb}).')
+            raise DataError(f'{who}: dataroot_gt {root!r} is not a folder (for an LMDB set '
+                            'io_backend: {type: lmdb}).')
         paths = [os.path.join(root, n) for n in list_images(root)]
     if not paths:
-        raise ValueError(f'{who}: no images in {root!r}.')
+        raise DataError(f'{who}: the dataset is empty, no images in {root!r}; put the images there or fix '
+                        'dataroot_gt.')
     return paths
 
 
-def read_clean_view(file_client: FileClient, path: str, opt: dict) -> np.ndarray:
+def read_clean_view(file_client: CheckedFileClient, path: str, opt: dict, who: str = '') -> np.ndarray:
     """A clean uint8 BGR image as a dataset with ``opt`` sees it: in the train phase a random crop of
     ``gt_size`` with dihedral augmentation (``use_hflip``/``use_rot``, default true), else the whole image."""
-    img = read_image(file_client, path, 'gt')
+    img = read_image(file_client, path, 'gt', who)
     if opt.get('phase') == 'train':
+        lmdb = (opt.get('io_backend') or {}).get('type') == 'lmdb'
+        shown = f'key {path!r} of the LMDB {str(opt.get("dataroot_gt"))!r}' if lmdb else repr(path)
+        checks.check_crop(img.shape, opt['gt_size'], shown, who)
         img, _ = paired_random_crop(img, img, opt['gt_size'], 1, path)
         img = np.ascontiguousarray(augment(img, opt.get('use_hflip', True), opt.get('use_rot', True)))
     return img
-
-
-def check_same_size(img_lq: np.ndarray, img_gt: np.ndarray, lq_path: str, gt_path: str, who: str) -> None:
-    """Raise when a pair's sizes differ (restoration here is 1x; BasicSR would crop or fail obscurely)."""
-    if img_lq.shape[:2] != img_gt.shape[:2]:
-        raise ValueError(f'{who}: LQ {lq_path!r} is {img_lq.shape[1]}x{img_lq.shape[0]} but its GT {gt_path!r} is '
-                         f'{img_gt.shape[1]}x{img_gt.shape[0]} (WxH); the pair must have the same size. Fix or '
-                         'remove the pair (scripts/check_datasets.py lists every such pair).')
 
 
 @DATASET_REGISTRY.register()
@@ -113,19 +107,22 @@ class StemMatchedPairedDataset(SeededDraws, data.Dataset):
     def __init__(self, opt: dict) -> None:
         super().__init__()
         self.opt = opt
-        self.who = f'StemMatchedPairedDataset ({opt.get("name", "unnamed")})'
+        self.who = checks.dataset_label(opt, 'StemMatchedPairedDataset')
         for key in ('dataroot_lq', 'dataroot_gt'):
             if not opt.get(key):
-                raise KeyError(f'{self.who}: option {key!r} is required.')
+                raise OptionError(f'{self.who}: option {key!r} is required.')
         if opt.get('scale', 1) != 1:
-            raise ValueError(f'{self.who}: scale must be 1 (restoration keeps the size), got {opt["scale"]!r}.')
+            raise OptionError(f'{self.who}: scale must be 1 (restoration keeps the size), got {opt["scale"]!r}.')
         if opt.get('filename_tmpl', '{}') != '{}':
-            raise ValueError(f'{self.who}: filename_tmpl {opt["filename_tmpl"]!r} is not supported; express the '
-                             'name mapping as lq_to_gt: [PATTERN, REPLACEMENT].')
+            raise OptionError(f'{self.who}: filename_tmpl {opt["filename_tmpl"]!r} is not supported; express the '
+                              'name mapping as lq_to_gt: [PATTERN, REPLACEMENT].')
         if opt.get('phase') == 'train' and not opt.get('gt_size'):
-            raise KeyError(f'{self.who}: option gt_size (training crop size) is required in the train phase.')
+            raise OptionError(f'{self.who}: option gt_size (training crop size) is required in the train phase.')
         self.rule_opt = opt.get('lq_to_gt')
-        self.rule = compile_rule(self.rule_opt, f'{self.who}: lq_to_gt')
+        try:
+            self.rule = compile_rule(self.rule_opt, f'{self.who}: lq_to_gt')
+        except ValueError as err:
+            raise OptionError(str(err)) from None
         self.mean = opt.get('mean')
         self.std = opt.get('std')
         self._read_seed(opt, self.who)
@@ -140,24 +137,25 @@ class StemMatchedPairedDataset(SeededDraws, data.Dataset):
                 lq_items = [(k, k) for k in lmdb_keys(self.lq_root)]
                 gt_index = self._index(lmdb_keys(self.gt_root), lambda k: k, 'key')
             except FileNotFoundError as err:
-                raise FileNotFoundError(f'{self.who}: dataroot_lq / dataroot_gt with io_backend lmdb: {err}') from None
+                raise DataError(f'{self.who}: dataroot_lq / dataroot_gt with io_backend lmdb: {err}') from None
         else:
             for key, root in (('dataroot_lq', self.lq_root), ('dataroot_gt', self.gt_root)):
                 if not os.path.isdir(root):
-                    raise FileNotFoundError(f'{self.who}: {key} {root!r} is not a folder (for an LMDB set '
-                                            'io_backend: {type: lmdb}).')
+                    raise DataError(f'{self.who}: {key} {root!r} is not a folder (for an LMDB set '
+                                    'io_backend: {type: lmdb}).')
             lq_items = [(stem(n), os.path.join(self.lq_root, n)) for n in list_images(self.lq_root)]
             gt_index = {s: os.path.join(self.gt_root, n)
                         for s, n in self._index(list_images(self.gt_root), stem, 'file').items()}
         if not lq_items:
-            raise ValueError(f'{self.who}: no LQ images in {self.lq_root!r}.')
+            raise DataError(f'{self.who}: the dataset is empty, no LQ images in {self.lq_root!r}; put the images '
+                            'there or fix dataroot_lq.')
         self.paths: list[dict[str, str]] = []
         for lq_stem, lq_path in lq_items:
             target = gt_stem(lq_stem, self.rule)
             if target not in gt_index:
                 missing = sum(gt_stem(s, self.rule) not in gt_index for s, _ in lq_items)
                 rule = f'lq_to_gt {list(self.rule_opt)}' if self.rule else 'no lq_to_gt rule (same stem)'
-                raise FileNotFoundError(
+                raise DataError(
                     f'{self.who}: no GT for LQ {lq_path!r}: {rule} gives GT stem {target!r}, which is not in '
                     f'dataroot_gt {self.gt_root!r} ({missing} of {len(lq_items)} LQ images lack a GT). Fix: set '
                     'lq_to_gt to the rule of this set (docs/datasets.md), add the missing GT images or remove '
@@ -170,10 +168,16 @@ class StemMatchedPairedDataset(SeededDraws, data.Dataset):
         for name in names:
             s = to_stem(name)
             if s in index:
-                raise ValueError(f'{self.who}: GT {what}s {index[s]!r} and {name!r} in {self.gt_root!r} share the stem '
-                                 f'{s!r}, so the pairing is ambiguous; keep one of them.')
+                raise DataError(f'{self.who}: GT {what}s {index[s]!r} and {name!r} in {self.gt_root!r} share the stem '
+                                f'{s!r}, so the pairing is ambiguous; keep one of them.')
             index[s] = name
         return index
+
+    def _display(self, path: str, root: str) -> str:
+        """A file as messages name it: its path, or its key and LMDB."""
+        if self.io_backend_opt.get('type') == 'lmdb':
+            return f'key {path!r} of the LMDB {root!r}'
+        return repr(path)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -181,10 +185,12 @@ class StemMatchedPairedDataset(SeededDraws, data.Dataset):
     def _sample(self, index: int) -> dict:
         self.file_client = self.file_client or open_file_client(self.io_backend_opt)
         lq_path, gt_path = self.paths[index]['lq_path'], self.paths[index]['gt_path']
-        img_lq = read_image(self.file_client, lq_path, 'lq')
-        img_gt = read_image(self.file_client, gt_path, 'gt')
-        check_same_size(img_lq, img_gt, lq_path, gt_path, self.who)
+        img_lq = read_image(self.file_client, lq_path, 'lq', self.who)
+        img_gt = read_image(self.file_client, gt_path, 'gt', self.who)
+        lq_name, gt_name = self._display(lq_path, self.lq_root), self._display(gt_path, self.gt_root)
+        checks.check_pair(img_lq.shape, img_gt.shape, lq_name, gt_name, self.who, scale=1)
         if self.opt.get('phase') == 'train':
+            checks.check_crop(img_gt.shape, self.opt['gt_size'], gt_name, self.who)
             img_gt, img_lq = paired_random_crop(img_gt, img_lq, self.opt['gt_size'], 1, gt_path)
             img_gt, img_lq = augment([img_gt, img_lq], self.opt.get('use_hflip', True), self.opt.get('use_rot', True))
         img_gt = img_gt.astype(np.float32) / 255.0

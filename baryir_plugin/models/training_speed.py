@@ -22,6 +22,7 @@ import torch
 from basicsr.utils import get_root_logger
 
 from baryir_plugin.archs.restormer_blocks import set_activation_checkpointing
+from baryir_plugin.errors import OptionError, SetupError
 
 COMPILE_MODES = (None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
@@ -31,7 +32,7 @@ def _flag(opt: dict, key: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise ValueError(f'{key} must be true or false, got {value!r}.')
+        raise OptionError(f'{key} must be true or false, got {value!r}.')
     return value
 
 
@@ -63,14 +64,14 @@ def parse_checkpointing(value) -> Optional[tuple[Optional[list[str]], int]]:
     if value is True:
         return None, 1
     if not isinstance(value, dict) or set(value) - {'stages', 'every'}:
-        raise ValueError('train.checkpointing must be true, false or {stages: all | [stage names], every: n}, '
+        raise OptionError('train.checkpointing must be true, false or {stages: all | [stage names], every: n}, '
                          f'got {value!r}.')
     stages = value.get('stages', 'all')
     if stages != 'all' and not (isinstance(stages, (list, tuple)) and all(isinstance(s, str) for s in stages)):
-        raise ValueError(f"train.checkpointing.stages must be 'all' or a list of stage names, got {stages!r}.")
+        raise OptionError(f"train.checkpointing.stages must be 'all' or a list of stage names, got {stages!r}.")
     every = value.get('every', 1)
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f'train.checkpointing.every must be an integer >= 1, got {every!r}.')
+        raise OptionError(f'train.checkpointing.every must be an integer >= 1, got {every!r}.')
     return (None if stages == 'all' else list(stages)), every
 
 
@@ -97,11 +98,11 @@ class TrainingSpeed:
             logger.warning('amp_bf16 is set but use_amp is false: training stays in float32.')
         if self.use_amp and self.amp_dtype == torch.bfloat16 and device.type == 'cuda' \
                 and not torch.cuda.is_bf16_supported():
-            raise ValueError('amp_bf16: this GPU has no bf16 support; set amp_bf16: false (fp16 with loss scaling).')
+            raise SetupError('amp_bf16: this GPU has no bf16 support; set amp_bf16: false (fp16 with loss scaling).')
         self.channels_last = _flag(opt, 'use_channels_last')
         self.compile_mode = opt.get('compile_mode')
         if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f'compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}.')
+            raise OptionError(f'compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}.')
         self.compile = _flag(opt, 'use_compile') and is_train  # testing runs the eager network
         if self.compile:
             reason = compile_unavailable(device)
@@ -152,15 +153,25 @@ class TrainingSpeed:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     @staticmethod
-    def step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
-        """backward + optimizer step, through the optimizer's GradScaler when there is one."""
+    def step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler, guard=None) -> bool:
+        """backward + optimizer step, through the optimizer's GradScaler when there is one. With a
+        :class:`~baryir_plugin.models.numerics.NonFiniteGuard`, a step whose loss (or, unscaled, whose
+        gradients) holds NaN/inf is not taken; returns whether it was."""
+        check = guard is not None and guard.active
         if scaler is None:
             loss.backward()
+            if check and not guard.finite(loss, optimizer):
+                optimizer.zero_grad(set_to_none=True)
+                return False
             optimizer.step()
-            return
+            return True
+        if check and not guard.finite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            return False
         scaler.scale(loss).backward()
-        scaler.step(optimizer)  # skipped when the scaled gradients hold inf/NaN
+        scaler.step(optimizer)  # skipped when the scaled gradients hold inf/NaN (the scale then shrinks)
         scaler.update()
+        return True
 
 
 def check_optimizer_options(key: str, cfg: dict, optimizer_cls: type) -> None:
@@ -169,7 +180,7 @@ def check_optimizer_options(key: str, cfg: dict, optimizer_cls: type) -> None:
     params = inspect.signature(optimizer_cls.__init__).parameters
     for name in ('foreach', 'fused'):
         if name in cfg and name not in params:
-            raise ValueError(f'train.{key}.{name}: torch.optim.{optimizer_cls.__name__} has no {name!r} option '
+            raise OptionError(f'train.{key}.{name}: torch.optim.{optimizer_cls.__name__} has no {name!r} option '
                              f'in this torch ({torch.__version__}); remove it.')
 
 

@@ -4,7 +4,8 @@ BasicSR's validation keeps only the mean of each metric. A benchmark table needs
 value (to find failures, to run significance tests), which metric options produced the numbers
 (RGB or Y channel, crop_border), the degraded input's own scores (what a restoration must beat), and an
 honest record of what could not be computed (a full-reference metric on a set without ground truth, a
-metric whose weight files were not given) instead of a silent zero.
+metric whose weight files were not given, SSIM on an image smaller than its window) instead of a silent
+zero or a NaN that poisons the mean.
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ class ValidationReport:
         self.metric_opts = {name: dict(o) for name, o in (metric_opts or {}).items()}
         self.with_input = with_input
         self.rows: list[dict[str, Any]] = []
-        self.unavailable: dict[str, str] = {}
+        self.unavailable: dict[str, str] = {}  # metric -> why the whole set has none
+        # column (metric, or input_<metric>) -> [(image, why this image has no value)]
+        self.missing: dict[str, list[tuple[str, str]]] = {}
+        self._row_missing: list[dict[str, str]] = []  # per row: column -> reason
         self.seconds: list[float] = []
 
     def available(self, name: str) -> bool:
@@ -58,38 +62,85 @@ class ValidationReport:
         self.unavailable.setdefault(name, reason)
 
     def add(self, image: str, values: dict[str, float], input_values: Optional[dict[str, float]] = None,
-            seconds: Optional[float] = None) -> None:
+            seconds: Optional[float] = None, missing: Optional[dict[str, str]] = None) -> None:
+        """One image's values. ``missing``: column (``<metric>`` or ``input_<metric>``) -> why this image has
+        no value of it. A value that is not a finite number (NaN, inf) is recorded as missing, never kept."""
         row: dict[str, Any] = {'image': image}
-        row.update({k: float(v) for k, v in values.items()})
-        if input_values:
-            row.update({f'input_{k}': float(v) for k, v in input_values.items()})
+        missing = dict(missing or {})
+        for prefix, given in (('', values), ('input_', input_values or {})):
+            for name, value in given.items():
+                value = float(value)
+                if math.isfinite(value):
+                    row[prefix + name] = value
+                else:
+                    missing.setdefault(prefix + name, f'{value} (not a finite number)')
+        for column, reason in missing.items():
+            self.missing.setdefault(column, []).append((image, reason))
         self.rows.append(row)
+        self._row_missing.append(missing)
         if seconds is not None:
             self.seconds.append(float(seconds))
 
+    def _values(self, column: str) -> list[float]:
+        return [r[column] for r in self.rows if column in r]
+
     def means(self, prefix: str = '') -> dict[str, float]:
-        """Mean of each available metric over the images (``prefix='input_'`` for the inputs' scores)."""
+        """Mean of each available metric over the images that have it (``prefix='input_'`` for the inputs'
+        scores); a metric no image has is left out."""
         out = {}
         for name in self.metric_opts:
             if not self.available(name):
                 continue
-            vals = [r[prefix + name] for r in self.rows if prefix + name in r]
+            vals = self._values(prefix + name)
             if vals:
                 out[name] = float(np.mean(vals))
         return out
+
+    def _reported(self, column: str) -> bool:
+        """Whether a column (``<metric>`` or ``input_<metric>``) belongs to a metric reported for the set."""
+        name = column[len('input_'):] if column.startswith('input_') and column not in self.metric_opts else column
+        return name in self.metric_opts and self.available(name)
+
+    def counts(self, prefix: str = '') -> dict[str, int]:
+        """How many images each available metric's mean is over."""
+        return {name: len(self._values(prefix + name)) for name in self.metric_opts if self.available(name)}
+
+    def missing_summary(self) -> Optional[str]:
+        """One line naming, per metric, how many images have no value of it and the first one's reason."""
+        parts = []
+        for column, entries in self.missing.items():
+            if not self._reported(column):
+                continue
+            image, reason = entries[0]
+            more = f' and {len(entries) - 1} more' if len(entries) > 1 else ''
+            parts.append(f'{column} unavailable for {len(entries)} of {len(self.rows)} image(s) ({image}: {reason}'
+                         f'{more})')
+        if not parts:
+            return None
+        return '; '.join(parts) + '; the means are over the images that have a value.'
 
     def summary(self, **extra: Any) -> dict:
         metrics = {}
         means = self.means()
         input_means = self.means('input_') if self.with_input else {}
+        counts = self.counts()
+        input_counts = self.counts('input_') if self.with_input else {}
         for name, opt in self.metric_opts.items():
             entry = dict(opt)
-            if self.available(name):
+            if not self.available(name):
+                entry['unavailable'] = self.unavailable[name]
+            elif name not in means and self.missing.get(name):
+                entry['unavailable'] = f'no image of the set has a value: {self.missing[name][0][1]}'
+            else:
                 entry['mean'] = means.get(name)
+                entry['images'] = counts.get(name, 0)
                 if self.with_input:
                     entry['input_mean'] = input_means.get(name)
-            else:
-                entry['unavailable'] = self.unavailable[name]
+                    entry['input_images'] = input_counts.get(name, 0)
+            if self.available(name):
+                for prefix in ('', 'input_'):
+                    if self.missing.get(prefix + name):
+                        entry[f'{prefix}unavailable_images'] = dict(self.missing[prefix + name])
             metrics[name] = entry
         out = {'dataset': self.dataset_name, 'images': len(self.rows), 'metrics': metrics}
         if self.seconds:
@@ -101,12 +152,20 @@ class ValidationReport:
         columns = ['image'] + [n for n in self.metric_opts if self.available(n)]
         if self.with_input:
             columns += [f'input_{n}' for n in self.metric_opts if self.available(n)]
+        # per image: the columns it has no value of, and why (an empty cell in those columns)
+        notes = {i: '; '.join(f'{c}: {why}' for c, why in missing.items() if c in columns)
+                 for i, missing in enumerate(self._row_missing)}
+        notes = {i: text for i, text in notes.items() if text}
+        if notes:
+            columns.append('unavailable')
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, extrasaction='ignore', lineterminator='\n')
         writer.writeheader()
-        for row in self.rows:
-            writer.writerow({k: (f'{v:.6f}' if isinstance(v, float) and math.isfinite(v) else v)
-                             for k, v in row.items()})
+        for i, row in enumerate(self.rows):
+            cells = {k: (f'{v:.6f}' if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+            if i in notes:
+                cells['unavailable'] = notes[i]
+            writer.writerow(cells)
         return buf.getvalue()
 
     def write(self, folder: str, stem: Optional[str] = None, **extra: Any) -> tuple[str, str]:
