@@ -7,7 +7,9 @@ state to resume from.
 - :func:`nonfinite_tensors` says whether weights about to be saved hold NaN/inf (such a checkpoint is
   never written: the previous one is kept).
 - :func:`find_resume_point` picks, for ``--auto_resume``, the newest iteration whose training state AND
-  network files all load, warning about each newer one that does not; nothing is ever deleted.
+  network files all load, warning about each newer one that does not; :func:`set_aside` renames the
+  files of those (``*.unusable``) so that the resumed run, saving the same iterations again, overwrites
+  nothing. Nothing is ever deleted.
 - :func:`remove_interrupted_saves` removes the temporary files a killed save leaves behind (our own
   naming pattern only: ``.<name>.<8 random characters>.tmp`` beside the file).
 """
@@ -114,17 +116,23 @@ def network_files(opt: dict, iteration: int) -> dict[str, str]:
             for key in opt if key.startswith('network_') and key not in ignored}
 
 
-def find_resume_point(opt: dict, state_dir: str, map_location='cpu',
-                      warn: Callable[[str], None] = print) -> Optional[tuple[str, dict]]:
-    """The newest ``(state path, state)`` in ``state_dir`` whose state and network files all load.
+def set_files(opt: dict, state_dir: str, iteration: int) -> list[str]:
+    """The files of one saved iteration that exist: its training state and its network files."""
+    files = [os.path.join(state_dir, f'{iteration}.state'), *network_files(opt, iteration).values()]
+    return [f for f in files if os.path.exists(f)]
 
-    Each newer, incomplete set is named in a warning (and kept). None when the folder holds no state;
-    a CheckpointError when it holds states but none is complete."""
+
+def find_resume_point(opt: dict, state_dir: str, map_location='cpu',
+                      warn: Callable[[str], None] = print) -> Optional[tuple[str, dict, list[int]]]:
+    """The newest ``(state path, state, skipped iterations)`` in ``state_dir`` whose state and network
+    files all load; ``skipped``: the newer iterations that did not, each named in a warning.
+
+    None when the folder holds no state; a CheckpointError when it holds states but none is complete."""
     if not os.path.isdir(state_dir):
         return None
     iterations = sorted((int(stem) for stem, ext in map(os.path.splitext, os.listdir(state_dir))
                          if ext == '.state' and stem.isdigit()), reverse=True)
-    problems = []
+    problems, skipped = [], []
     for it in iterations:
         path = os.path.join(state_dir, f'{it}.state')
         try:
@@ -137,12 +145,30 @@ def find_resume_point(opt: dict, state_dir: str, map_location='cpu',
                     raise CheckpointError(f'{key} of iteration {it} {net_path} holds non-finite weights')
         except CheckpointError as e:
             problems.append(str(e).rstrip('.'))
-            warn(f'auto_resume: skipping iteration {it}: {problems[-1]}; the files are kept.')
+            skipped.append(it)
+            warn(f'auto_resume: skipping iteration {it}: {problems[-1]}.')
             continue
-        return path, state
+        return path, state, skipped
     if problems:
         raise CheckpointError(f'--auto_resume: no complete training state in {state_dir} ({len(problems)} found, '
                               f'none usable; newest: {problems[0]}); restore the files, or give path.resume_state '
                               'explicitly, or start afresh without --auto_resume (the old run is kept as '
                               '*_archived_*).')
     return None
+
+
+def set_aside(paths: Iterable[str], suffix: str = '.unusable', say: Callable[[str], None] = print) -> list[str]:
+    """Rename files to ``<name><suffix>`` (``<name><suffix>.1`` ... when taken): kept, but out of the way of
+    the files a resumed run writes under the same names. Returns the new names."""
+    moved = []
+    for path in paths:
+        target, n = path + suffix, 0
+        while os.path.exists(target):
+            n += 1
+            target = f'{path}{suffix}.{n}'
+        os.replace(path, target)
+        moved.append(target)
+    if moved:
+        say(f'auto_resume: kept the files of the skipped iteration(s) as {", ".join(moved)}; the resumed run '
+            'writes those iterations afresh.')
+    return moved

@@ -116,13 +116,27 @@ def resolve_data_root(opt_path: str, data_root: Optional[str], out_dir: Optional
                          f'(or set {DATA_ROOT_ENV}).')
     if not os.path.isdir(data_root):
         raise UsageError(f'--data-root {data_root!r} is not a folder (relative to {os.getcwd()}).')
-    # forward slashes keep the YAML scalar free of backslash escapes on every platform
-    resolved = text.replace(DATA_ROOT_PLACEHOLDER, os.path.abspath(data_root).replace(os.sep, '/'))
+    import yaml
+
+    # substituted into the parsed values, not the text: a root holding '#', ': ' or quotes stays one path
+    with open(opt_path, encoding='utf-8') as f:
+        options = yaml.safe_load(f)
+    root = os.path.abspath(data_root).replace(os.sep, '/')
+
+    def substitute(node):
+        if isinstance(node, str):
+            return node.replace(DATA_ROOT_PLACEHOLDER, root)
+        if isinstance(node, dict):
+            return {key: substitute(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [substitute(value) for value in node]
+        return node
+
     out = os.path.join(out_dir or tempfile.mkdtemp(prefix='basicsr_opt_'), os.path.basename(opt_path))
     if os.path.abspath(out) == os.path.abspath(opt_path):
         raise ValueError(f'resolve_data_root: refusing to overwrite the option file {opt_path}; give another out_dir.')
     with open(out, 'w', encoding='utf-8') as f:
-        f.write(resolved)
+        yaml.safe_dump(substitute(options), f, sort_keys=False, allow_unicode=True)
     return out
 
 
@@ -209,6 +223,15 @@ def _convert_official(args: argparse.Namespace) -> int:
     from baryir_plugin import compat
     from baryir_plugin.official import convert_official, potentials_output_path
 
+    from baryir_plugin.errors import UsageError
+
+    outputs = [args.output]
+    if not args.no_potentials:
+        outputs.append(args.potentials_out or potentials_output_path(args.output))
+    for out in outputs:
+        if os.path.exists(args.input) and os.path.exists(out) and os.path.samefile(args.input, out):
+            raise UsageError(f'the output {out} is the input checkpoint; write the converted file elsewhere (the '
+                             'release file is kept as it is).')
     net_g, net_potential = convert_official(args.input)
     if args.no_potentials:
         net_potential = None

@@ -23,9 +23,14 @@ Patches (name: what breaks without it):
   the same data as an uninterrupted one). Its indices carry the epoch and the slot in the epoch
   (``SampleIndex``), from which the plugin's datasets seed each sample's draws (fresh every epoch, and
   independent of the number of loader workers).
-- ``optimizers``: BasicSR 1.4.2 only builds Adam; any ``torch.optim`` class is accepted by name.
+- ``optimizers``: BasicSR 1.4.2 only builds Adam; any ``torch.optim`` class is accepted by name. The
+  optimizer's and the scheduler's own checks of their options (a negative lr, periods and weights of
+  different lengths) are one OptionError naming ``train.optim_*`` / ``train.scheduler``.
 - ``atomic_save``: checkpoints and training states are written to a temporary file and renamed, so a
   crash mid-write never leaves a truncated ``.pth``/``.state`` behind.
+- ``archive_names``: a second run of one experiment name within the same second fails, because BasicSR
+  archives the old folder under a name with one-second resolution that already exists; a counter is
+  added.
 - ``checkpoints``: loading a missing, truncated or foreign ``.pth`` ends in a traceback from deep inside
   torch; it is one CheckpointError naming the file (and, for weights that do not fit, the keys). Weights
   holding NaN/inf are never saved (that iteration's networks and state are skipped, the previous kept).
@@ -62,6 +67,7 @@ import torch.distributed as dist
 from .errors import OptionError
 
 _APPLIED: list[str] = []
+_ORIGINAL: dict[str, Callable] = {}  # BasicSR's methods that a patch wraps
 
 
 def _skipped() -> set[str]:
@@ -136,32 +142,54 @@ def _prepare_train_data(opt: dict) -> None:
 def _load_resume_state(opt: dict):
     from basicsr.utils.misc import check_resume
 
-    from .checkpoints import find_resume_point, remove_interrupted_saves
+    from .checkpoints import find_resume_point, network_files, read_training_state, remove_interrupted_saves, \
+        set_aside, set_files
+    from .errors import CheckpointError
 
     _prepare_train_data(opt)
     paths = opt['path']
-    if opt.get('rank', 0) == 0:  # a killed save leaves its temporary file; the run it belonged to is over
+    master = opt.get('rank', 0) == 0
+    if master:  # a killed save leaves its temporary file; the run it belonged to is over
         root = paths.get('experiments_root')
         remove_interrupted_saves([paths.get('models'), paths.get('training_states'),
                                   root and os.path.join(root, 'metrics')])
     if opt['auto_resume']:
         state_dir = paths.get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
-        found = find_resume_point(opt, state_dir, resume_map_location(opt))
+        found = find_resume_point(opt, state_dir, resume_map_location(opt), warn=print if master else _quiet)
         if found is None:
             return None
-        path, state = found
+        path, state, skipped = found
+        if master:
+            set_aside([f for it in skipped for f in set_files(opt, state_dir, it)])
+        if opt.get('dist') and dist.is_initialized():
+            dist.barrier()  # no rank reads the folder while rank 0 renames
         paths['resume_state'] = path
     else:
         path = paths.get('resume_state')
         if not path:
             return None
-        from .checkpoints import read_training_state
         state = read_training_state(path, resume_map_location(opt), what='path.resume_state')
+        missing = [f for f in network_files(opt, int(state['iter'])).values() if not os.path.isfile(f)]
+        if missing:
+            raise CheckpointError(f'path.resume_state {path} is iteration {state["iter"]}, but its network file(s) '
+                                  f'{", ".join(missing)} do not exist: a resumed run reads the networks from this '
+                                  f"experiment's models folder (name: {opt['name']}). Resume the experiment that "
+                                  'wrote the state, or copy its net_*_<iter>.pth there.')
+    total = (opt.get('train') or {}).get('total_iter')
+    if isinstance(total, int) and int(state['iter']) >= total:
+        from .errors import OptionError
+        raise OptionError(f'the training state is at iteration {state["iter"]} and train.total_iter is {total}: '
+                          'nothing is left to train. Raise train.total_iter (e.g. --force_yml train:total_iter='
+                          f'{int(state["iter"]) * 2}) or start a new experiment.')
     check_resume(opt, state['iter'])
     train_data = opt.get('datasets', {}).get('train')
     if isinstance(train_data, dict):  # read by ResumableEnlargedSampler through dataset.opt
         train_data['resume_epoch'], train_data['resume_iter'] = int(state['epoch']), int(state['iter'])
     return state
+
+
+def _quiet(_message: str) -> None:
+    pass
 
 
 def _patch_resume_state() -> None:
@@ -192,6 +220,12 @@ def _init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
     backend = backend or dist_backend()
     _set_start_method(backend)
     if launcher == 'pytorch':
+        missing = [v for v in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if v not in os.environ]
+        if missing:
+            from .errors import UsageError
+            raise UsageError(f'--launcher pytorch needs the variables torchrun sets ({", ".join(missing)} missing); '
+                             'start with `torchrun --nproc_per_node=N -m baryir_plugin train -opt FILE.yml --launcher '
+                             'pytorch`, or drop --launcher for one process.')
         if backend == 'nccl':
             torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', os.environ['RANK'])) % torch.cuda.device_count())
         dist.init_process_group(backend=backend, **kwargs)
@@ -352,7 +386,24 @@ def build_optimizer(optim_type: str, params, lr: float, **kwargs) -> torch.optim
         known = sorted(n for n, c in vars(torch.optim).items() if isinstance(c, type)
                        and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
         raise OptionError(f'train.optim_*.type: unknown optimizer {optim_type!r}; use one of {known}.')
-    return cls(params, lr, **kwargs)
+    try:
+        return cls(params, lr, **kwargs)
+    except (TypeError, ValueError) as e:  # torch.optim's own checks: lr < 0, betas out of range, a bad keyword
+        raise OptionError(f'train.optim_* ({optim_type}, lr {lr!r}, {kwargs}): {e}; fix the optimizer options.') from e
+
+
+def _setup_schedulers(self):
+    """BaseModel.setup_schedulers with the scheduler's own checks (asserts, TypeErrors) as one OptionError."""
+    scheduler = (self.opt.get('train') or {}).get('scheduler')
+    if not isinstance(scheduler, dict) or 'type' not in scheduler:
+        raise OptionError('train.scheduler is missing or has no type; add e.g. {type: MultiStepLR, milestones: '
+                          '[250000, 400000], gamma: 0.5} (or CosineAnnealingRestartLR).')
+    given = dict(scheduler)
+    try:
+        return _ORIGINAL['setup_schedulers'](self)
+    except (AssertionError, TypeError, ValueError, KeyError, NotImplementedError) as e:
+        self.opt['train']['scheduler'] = given  # BasicSR pops its type
+        raise OptionError(f'train.scheduler ({given["type"]}): {e}; fix the scheduler options.') from e
 
 
 def _get_optimizer(self, optim_type, params, lr, **kwargs):
@@ -362,25 +413,42 @@ def _get_optimizer(self, optim_type, params, lr, **kwargs):
 def _patch_optimizers() -> None:
     from basicsr.models.base_model import BaseModel
     BaseModel.get_optimizer = _get_optimizer
+    if 'setup_schedulers' not in _ORIGINAL:
+        _ORIGINAL['setup_schedulers'] = BaseModel.setup_schedulers
+    BaseModel.setup_schedulers = _setup_schedulers
 
 
 # --------------------------------------------------------------------------------------------------
 # 8. atomic checkpoint writes
+def _file_mode() -> int:
+    """The mode a plain ``open(path, 'w')`` would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str, write) -> None:
     """Call ``write(binary_file)`` on a temporary file in the same folder, then rename it over ``path``:
-    a crash or an error leaves the previous file (or none), never a truncated one."""
+    a crash or an error leaves the previous file (or none), never a truncated one. An OSError names
+    ``path`` (not the temporary file)."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, 'Is a directory (give a file name inside it)', path)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+        os.chmod(tmp, _file_mode())
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is not None and e.filename != path and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, path) from e
         raise
 
 
@@ -408,6 +476,33 @@ def _patch_atomic_save() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# 8b. archived experiment folders never collide
+def mkdir_and_rename(path: str) -> None:
+    """BasicSR's mkdir_and_rename (an existing folder is renamed ``<path>_archived_<time>`` and a new one
+    made), with ``_2``, ``_3`` ... added when a folder of that second was archived already: BasicSR's
+    rename then fails on the existing archive (two runs of one name within a second)."""
+    from basicsr.utils.misc import get_time_str
+
+    if os.path.exists(path):
+        base = new_name = f'{path}_archived_{get_time_str()}'
+        n = 1
+        while os.path.exists(new_name):
+            n += 1
+            new_name = f'{base}_{n}'
+        print(f'Path already exists. Rename it to {new_name}', flush=True)
+        os.rename(path, new_name)
+    os.makedirs(path, exist_ok=True)
+
+
+def _patch_archive_names() -> None:
+    import basicsr.train
+    import basicsr.utils
+    import basicsr.utils.misc
+    for module in (basicsr.utils.misc, basicsr.utils, basicsr.train):
+        module.mkdir_and_rename = mkdir_and_rename
+
+
+# --------------------------------------------------------------------------------------------------
 # 9. checkpoints: clear errors on load, no non-finite weights on save
 def _load_network(self, net, load_path, strict=True, param_key='params'):
     """BaseModel.load_network reading through :func:`baryir_plugin.checkpoints.read_checkpoint`: a missing,
@@ -419,23 +514,29 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
     from .errors import CheckpointError
 
     bare = self.get_bare_model(net)
-    label = type(bare).__name__
-    load_net = read_checkpoint(load_path, f'the {label} checkpoint')
+    option = next((f'path.{k}' for k, v in (self.opt.get('path') or {}).items()
+                   if k.startswith('pretrain_network') and v == load_path), None)
+    label = f'{option} ({type(bare).__name__})' if option else f'the {type(bare).__name__} checkpoint'
+    load_net = read_checkpoint(load_path, label)
     if param_key is not None:
         if not isinstance(load_net, dict):
-            raise CheckpointError(f'the {label} checkpoint {load_path} holds a {type(load_net).__name__}, not a '
+            raise CheckpointError(f'{label} {load_path} holds a {type(load_net).__name__}, not a '
                                   'dict of weights; save {"params": net.state_dict()}.')
+        if {'iter', 'optimizers'} <= set(load_net):
+            raise CheckpointError(f'{label} {load_path} is a training state (.state), not network weights; give it '
+                                  'as path.resume_state, or give the models/net_*_<iter>.pth saved with it.')
         if param_key not in load_net and 'params' in load_net:
-            get_root_logger().info(f'Loading: {param_key} does not exist, use params.')
+            get_root_logger().warning(f'{label} {load_path} has no {param_key!r} weights (was it trained without '
+                                      "EMA?); loading 'params' instead.")
             param_key = 'params'
         if param_key not in load_net:
             keys = [k for k in load_net if not torch.is_tensor(load_net[k])][:6]
-            raise CheckpointError(f'the {label} checkpoint {load_path} has no {param_key!r} entry (it has '
+            raise CheckpointError(f'{label} {load_path} has no {param_key!r} entry (it has '
                                   f'{keys or sorted(load_net)[:6]}); set path.param_key_* to one of them.')
         load_net = load_net[param_key]
     if not isinstance(load_net, dict) or not all(torch.is_tensor(v) for v in load_net.values()):
-        raise CheckpointError(f'the {label} checkpoint {load_path} is not a state_dict of tensors.')
-    get_root_logger().info(f'Loading {label} model from {load_path}, with param key: [{param_key}].')
+        raise CheckpointError(f'{label} {load_path} is not a state_dict of tensors.')
+    get_root_logger().info(f'Loading {type(bare).__name__} model from {load_path}, with param key: [{param_key}].')
     load_net = collections.OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in load_net.items())
     self._print_different_keys_loading(bare, load_net, strict)
     try:
@@ -447,9 +548,11 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
         detail = '; '.join(f'{what}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""} ({len(keys)})'
                            for what, keys in (('missing', missing), ('unexpected', unexpected),
                                               ('other shape', shapes)) if keys) or ' '.join(str(e).split())[:200]
-        raise CheckpointError(f'the {label} checkpoint {load_path} does not fit the network built from the options '
-                              f'({detail}); give the network options it was trained with, or set '
-                              'path.strict_load_*: false to load the matching part.') from None
+        fix = 'give the network options it was trained with'
+        if not shapes and strict:
+            fix += ', or set path.strict_load_*: false to load the matching part'
+        raise CheckpointError(f'{label} {load_path} does not fit the network built from the options ({detail}); '
+                              f'{fix}.') from None
 
 
 def _save_network(self, net, net_label, current_iter, param_key='params'):
@@ -466,6 +569,11 @@ def _save_network(self, net, net_label, current_iter, param_key='params'):
         name = f'{net_label}_{"latest" if current_iter == -1 else current_iter}.pth'
         get_root_logger().error(f'Not saving {name}: {bad} weight tensor(s) of it hold NaN/inf (the training '
                                 'diverged); the previous checkpoints are kept.')
+        if current_iter == -1:  # the end of training: its result was refused, so the run did not succeed
+            from .errors import TrainingError
+            raise TrainingError(f'training ended, but {name} was not saved: its weights hold NaN/inf (the training '
+                                'diverged). Lower the learning rate (train.optim_*.lr) or check the data for extreme '
+                                'values, and resume from the last checkpoint in the models folder.')
         return
     return _ORIGINAL['save_network'](self, net, net_label, current_iter, param_key)
 
@@ -485,8 +593,6 @@ def _patch_checkpoints() -> None:
     BaseModel.save_network = _save_network
     BaseModel.save_training_state = _save_training_state
 
-
-_ORIGINAL: dict[str, Callable] = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,6 +617,7 @@ _PATCHES: list[tuple[str, Callable[[], None]]] = [
     ('resume_position', _patch_resumable_sampler),
     ('optimizers', _patch_optimizers),
     ('atomic_save', _patch_atomic_save),
+    ('archive_names', _patch_archive_names),
     ('checkpoints', _patch_checkpoints),
     ('data_checks', lambda: importlib.import_module('.data.checks', __package__).patch()),
     ('check_options', lambda: importlib.import_module('.options_check', __package__).install()),

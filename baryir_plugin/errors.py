@@ -115,10 +115,13 @@ def user_message(exc: BaseException) -> Optional[str]:
         reason = exc.strerror or str(exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return one_line(f'{name or "disk"}: {reason}; free some space (nothing was overwritten).')
-        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                            PermissionError)):
             if name is None:  # raised with a message of its own
                 return one_line(exc)
             return one_line(f'{name}: {reason}; check the path (relative paths are relative to {os.getcwd()}).')
+    if type(exc).__module__ == 'lmdb':  # lmdb.Error and its kinds name the file
+        return one_line(f'{exc} (an LMDB that cannot be opened or read; rebuild it with scripts/make_lmdb.py).')
     return None
 
 

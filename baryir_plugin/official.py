@@ -89,6 +89,8 @@ class _RestrictedPickleModule:
 
 def load_official(path: str) -> dict:
     """Load an official release file with the restricted unpickler (tensors on the CPU)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f'official checkpoint {path!r} is a folder; give the release .pth/.pt file inside it.')
     if not os.path.isfile(path):
         raise CheckpointError(f'official checkpoint not found: {path!r} (relative to {os.getcwd()}).')
     if os.path.getsize(path) == 0:

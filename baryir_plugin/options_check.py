@@ -41,7 +41,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Iterable, Optional, Sequence
 
-from baryir_plugin.errors import BaryIRError, OptionError, did_you_mean, one_line
+from baryir_plugin.errors import BaryIRError, OptionError, SetupError, did_you_mean, one_line
 
 _LOG = logging.getLogger('baryir_plugin.options')
 _EMPTY = inspect.Parameter.empty
@@ -740,6 +740,16 @@ def check_option_file(raw: Any, opt_path: str, is_train: Optional[bool] = None) 
     num_gpu = raw['num_gpu']
     if num_gpu != 'auto' and not (_is_int(num_gpu) and num_gpu >= 0):
         raise OptionError(f'{opt_path}: num_gpu must be auto or an integer >= 0 (0: CPU), got {_show(num_gpu)}.')
+    if num_gpu not in ('auto', 0):
+        import torch
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise SetupError(f'{opt_path}: num_gpu is {num_gpu} but this machine has no usable CUDA GPU; set '
+                             'num_gpu: auto (GPUs when there are any, else the CPU) or 0.')
+    seed = raw.get('manual_seed')
+    if seed is not None and not (_is_int(seed) and seed >= 0):
+        raise OptionError(f'{opt_path}: manual_seed must be an integer >= 0 (or ~ for a random one), got '
+                          f'{_show(seed)}.')
     datasets = raw['datasets']
     if not isinstance(datasets, Mapping) or not datasets:
         raise OptionError(f'{opt_path}: datasets must be a mapping of dataset entries (train: {{...}}, val: {{...}}), '
@@ -760,15 +770,22 @@ def check_option_file(raw: Any, opt_path: str, is_train: Optional[bool] = None) 
 def _peek_args(argv: Sequence[str]) -> Optional[argparse.Namespace]:
     """BasicSR's own flags, read the way its parse_options reads them (None when they do not parse: its
     parser then reports the usage error)."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = _SilentParser(add_help=False)
     parser.add_argument('-opt', type=str)
     parser.add_argument('--auto_resume', action='store_true')
     parser.add_argument('--force_yml', nargs='+', default=None)
     try:
         args, _ = parser.parse_known_args(list(argv))
-    except SystemExit:
+    except (SystemExit, ValueError):
         return None
     return args
+
+
+class _SilentParser(argparse.ArgumentParser):
+    """A parser that leaves the usage message to BasicSR's own (which prints it once)."""
+
+    def error(self, message: str):
+        raise ValueError(message)
 
 
 def _raised_by_parser(exc: BaseException) -> bool:
@@ -800,6 +817,10 @@ def checked_parse_options(original):
                 raise OptionError(f'{args.opt}: {e}') from None
             if forced:
                 check_option_file(trial, f'{args.opt} (after --force_yml)', is_train)
+            if not is_train and 'network_g' in trial and not (trial.get('path') or {}).get('pretrain_network_g'):
+                raise OptionError(f'{args.opt}: path.pretrain_network_g is not set, so basicsr test would restore '
+                                  'with an untrained network; set it to the .pth to test (e.g. experiments/<name>/'
+                                  'models/net_g_latest.pth).')
         try:
             opt, parsed = original(root_path, is_train=is_train)
         except (KeyError, TypeError, AttributeError, ValueError) as e:

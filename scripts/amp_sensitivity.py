@@ -11,26 +11,38 @@ non-finite value). Regions: baryir_plugin/archs/precision.py.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
+PROG = 'scripts/amp_sensitivity.py'
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
+def parse_args(argv=None):
+    from baryir_plugin.analysis.flags import (check_network, check_output_file, non_negative_int, positive_int,
+                                              tool_parser)
+    from baryir_plugin.analysis.machine import check_device
+
+    p = tool_parser(PROG, __doc__, full_doc=True)
+    p.add_argument('--dim', type=positive_int, default=48, help='BaryIR width (even; default 48)')
+    p.add_argument('--num-blocks', type=positive_int, nargs=4, default=[4, 6, 6, 8])
+    p.add_argument('--num-refinement-blocks', type=non_negative_int, default=4)
+    p.add_argument('--sources', type=positive_int, default=3, help='K, the number of degradation sources')
+    p.add_argument('--batch', type=positive_int, default=3)
+    p.add_argument('--crop', type=positive_int, default=128, help='training crop (a multiple of 8, >= 16)')
+    p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    p.add_argument('--dtypes', nargs='+', choices=sorted(DTYPES), default=['bf16'])
+    p.add_argument('--json', help='also write the rows to this JSON file')
+    args = p.parse_args(argv)
+    check_device(args.device)
+    check_network(args.dim, args.num_blocks, args.num_refinement_blocks, sources=args.sources, crop=args.crop)
+    check_output_file(args.json, '--json')
+    return args
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dim', type=int, default=48)
-    parser.add_argument('--num-blocks', type=int, nargs=4, default=[4, 6, 6, 8])
-    parser.add_argument('--num-refinement-blocks', type=int, default=4)
-    parser.add_argument('--sources', type=int, default=3)
-    parser.add_argument('--batch', type=int, default=3)
-    parser.add_argument('--crop', type=int, default=128)
-    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    parser.add_argument('--dtypes', nargs='+', choices=sorted(DTYPES), default=['bf16'])
-    parser.add_argument('--json', help='also write the rows to this JSON file')
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     from baryir_plugin.analysis import BenchConfig, machine_line
     from baryir_plugin.analysis.amp_sensitivity import TERMS, sensitivity
@@ -53,4 +65,4 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
     from baryir_plugin.errors import guarded_main
-    sys.exit(guarded_main('scripts/amp_sensitivity.py', main))
+    sys.exit(guarded_main(PROG, main))

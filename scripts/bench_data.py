@@ -10,9 +10,9 @@ twice the crop (the demo's tile:crop ratio, 96:48; its own 96-pixel tiles are sm
 
 For each worker count the table gives the steady-state rate (``--batches`` batches timed after
 ``--warmup``, the median of 5 windows), the time to the first batch of a new epoch (BasicSR starts
-fresh workers every epoch unless ``--persistent-workers``), and the training step a loader of that speed keeps fed: with workers
-the batches are made while the step runs, so any step of at least the loader's ms per batch waits for
-no data; without workers the loading is added to every step.
+fresh workers every epoch unless ``--persistent-workers``), and the training step a loader of that speed
+keeps fed: with workers the batches are made while the step runs, so any step of at least the loader's ms
+per batch waits for no data; without workers the loading is added to every step.
 
     python scripts/bench_data.py                                  # workers 0 1 2, crop 128, batch 3
     python scripts/bench_data.py --workers 0 2 4 8 --crop 128 --batch 8 --step-ms 250
@@ -20,7 +20,6 @@ no data; without workers the loading is added to every step.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import statistics
@@ -28,6 +27,7 @@ import sys
 import tempfile
 import time
 
+PROG = 'scripts/bench_data.py'
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, SCRIPTS)
 
@@ -90,7 +90,8 @@ def measure(opt: dict, batches: int, warmup: int) -> dict:
     dataset = build_dataset(opt)
     full = basicsr.train.EnlargedSampler(dataset, 1, 0, opt['dataset_enlarge_ratio'])
     if len(full) < (warmup + batches) * opt['batch_size_per_gpu']:
-        raise SystemExit(f'an epoch has {len(full) // opt["batch_size_per_gpu"]} batches, fewer than --warmup + '
+        from baryir_plugin.errors import UsageError
+        raise UsageError(f'an epoch has {len(full) // opt["batch_size_per_gpu"]} batches, fewer than --warmup + '
                          f'--batches ({warmup + batches}); lower them.')
     sampler = FirstIndices(full, (warmup + batches) * opt['batch_size_per_gpu'])
     loader = build_dataloader(dataset, opt, num_gpu=1, dist=False, sampler=sampler, seed=opt['manual_seed'])
@@ -123,28 +124,29 @@ def fed(workers: int, ms: float, step_ms: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    from baryir_plugin.analysis.flags import non_negative_int, positive_float, positive_int, tool_parser
+
+    parser = tool_parser(PROG, __doc__)
     parser.add_argument('--root', help='a folder laid out as scripts/make_demo_data.py writes it (default: build '
                                        'one in a temporary folder)')
-    parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2], help='num_worker_per_gpu values')
-    parser.add_argument('--crop', type=int, default=128, help='gt_size (training crop)')
-    parser.add_argument('--batch', type=int, default=3, help='batch_size_per_gpu')
-    parser.add_argument('--batches', type=int, default=100,
+    parser.add_argument('--workers', type=non_negative_int, nargs='+', default=[0, 1, 2],
+                        help='num_worker_per_gpu values')
+    parser.add_argument('--crop', type=positive_int, default=128, help='gt_size (training crop)')
+    parser.add_argument('--batch', type=positive_int, default=3, help='batch_size_per_gpu')
+    parser.add_argument('--batches', type=positive_int, default=100,
                         help=f'timed batches per worker count (the median rate of {WINDOWS} windows is shown)')
-    parser.add_argument('--warmup', type=int, default=4, help='batches before the timing starts')
-    parser.add_argument('--tile', type=int, default=None,
+    parser.add_argument('--warmup', type=non_negative_int, default=4, help='batches before the timing starts')
+    parser.add_argument('--tile', type=positive_int, default=None,
                         help=f'tile size of the built data (default: 2 x crop, at most {SMALLEST_PHOTO_SIDE})')
     parser.add_argument('--persistent-workers', action='store_true', help='persistent_workers: true')
     parser.add_argument('--pin-memory', action='store_true', help='pin_memory: true (pins only with a GPU)')
-    parser.add_argument('--step-ms', type=float, default=None,
+    parser.add_argument('--step-ms', type=positive_float, default=None,
                         help='a training step time (ms): say for each row whether the loader keeps it fed')
     args = parser.parse_args(argv)
-    if any(w < 0 for w in args.workers) or args.crop < 1 or args.batch < 1 or args.batches < 1 or args.warmup < 0:
-        parser.error('--workers must be >= 0; --crop, --batch and --batches >= 1; --warmup >= 0.')
     tile = args.tile or min(2 * args.crop, SMALLEST_PHOTO_SIDE)
     if args.root is None and not args.crop <= tile <= SMALLEST_PHOTO_SIDE:
         parser.error(f'--crop {args.crop} / --tile {tile}: the built tiles must hold the crop and fit the smallest '
-                     f'demo photo ({SMALLEST_PHOTO_SIDE} px); use a smaller crop or --root with larger images.')
+                     f'demo photo ({SMALLEST_PHOTO_SIDE} px); use a smaller crop, or --root with larger images')
 
     import baryir_plugin  # noqa: F401  (compat patches and registrations before BasicSR builds anything)
     from basicsr.utils import get_root_logger
@@ -178,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == '__main__':
     from baryir_plugin.errors import guarded_main
-    sys.exit(guarded_main('scripts/bench_data.py', main))
+    sys.exit(guarded_main(PROG, main))

@@ -11,23 +11,33 @@ file switches BaryIRModel's inference to channels-last.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
+PROG = 'scripts/bench_inference.py'
+
+
+def parse_args(argv: list[str] | None = None):
+    from baryir_plugin.analysis.flags import check_network, non_negative_int, positive_int, tool_parser
+    from baryir_plugin.analysis.machine import check_device
+
+    p = tool_parser(PROG, __doc__)
+    p.add_argument('--dim', type=positive_int, default=48, help='BaryIR width (even; default 48)')
+    p.add_argument('--num-blocks', type=positive_int, nargs=4, default=[4, 6, 6, 8])
+    p.add_argument('--num-refinement-blocks', type=non_negative_int, default=None, help='default: num_blocks[0]')
+    p.add_argument('--size', type=positive_int, nargs=2, default=[321, 481], metavar=('H', 'W'))
+    p.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
+    p.add_argument('--warmup', type=non_negative_int, default=1)
+    p.add_argument('--iters', type=positive_int, default=3, help='timed forwards per format (>= 1)')
+    args = p.parse_args(argv)
+    check_device(args.device)
+    check_network(args.dim, args.num_blocks, args.num_refinement_blocks)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--dim', type=int, default=48)
-    parser.add_argument('--num-blocks', type=int, nargs=4, default=[4, 6, 6, 8])
-    parser.add_argument('--num-refinement-blocks', type=int, default=None, help='default: num_blocks[0]')
-    parser.add_argument('--size', type=int, nargs=2, default=[321, 481], metavar=('H', 'W'))
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--iters', type=int, default=3)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     import torch
 
@@ -38,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     refine = args.num_refinement_blocks if args.num_refinement_blocks is not None else args.num_blocks[0]
     net = BaryIR(dim=args.dim, num_blocks=args.num_blocks, num_refinement_blocks=refine).eval().to(args.device)
     x = torch.rand(1, 3, *args.size, device=args.device)
+    on_gpu = torch.device(args.device).type == 'cuda'
     outputs, rows = {}, []
     for fmt in ('contiguous', 'channels_last'):
         memory_format = getattr(torch, 'channels_last' if fmt == 'channels_last' else 'contiguous_format')
@@ -46,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         times = []
         with torch.no_grad():
             for i in range(args.warmup + args.iters):
-                if args.device == 'cuda':
-                    torch.cuda.synchronize()
+                if on_gpu:
+                    torch.cuda.synchronize(args.device)
                 start = time.perf_counter()
                 out = net(xin)
-                if args.device == 'cuda':
-                    torch.cuda.synchronize()
+                if on_gpu:
+                    torch.cuda.synchronize(args.device)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - start)
         outputs[fmt] = out.float().cpu()
@@ -71,4 +82,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == '__main__':
     from baryir_plugin.errors import guarded_main
-    sys.exit(guarded_main('scripts/bench_inference.py', main))
+    sys.exit(guarded_main(PROG, main))

@@ -5,7 +5,7 @@ Each mode runs in a fresh process (so its peak memory is its own), one after the
 machine: ``--warmup`` iterations are discarded, then the median (and min/max) of ``--iters`` timed
 iterations is reported, with the ratio of both to the first mode (the baseline: ``base`` = float32,
 recompute, contiguous, uncompiled, no checkpointing, i.e. the defaults). Modes are ``+``-joined tokens:
-reuse, cl, bf16, fp16, compile, ckpt, ckpt-full-res, foreach (baryir_plugin/analysis/train_benchmark.py).
+reuse, cl, bf16, fp16, compile, ckpt, ckpt-full-res, foreach, unguarded (baryir_plugin/analysis/train_benchmark.py).
 Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak resident set size on
 the CPU. ``--rounds 2`` runs the modes twice, the second time in reverse order, and reports the median
 over both rounds' iterations.
@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 
+PROG = 'scripts/bench_train_step.py'
 DEFAULT_MODES = ['base', 'reuse', 'cl', 'cl+reuse', 'bf16', 'bf16+cl', 'bf16+cl+reuse', 'ckpt', 'ckpt-full-res']
 
 
@@ -36,29 +37,37 @@ def _config(args: argparse.Namespace):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dim', type=int, default=48)
-    parser.add_argument('--num-blocks', type=int, nargs=4, default=[4, 6, 6, 8])
-    parser.add_argument('--num-refinement-blocks', type=int, default=4)
-    parser.add_argument('--num-bary-blocks', type=int, default=None)
-    parser.add_argument('--sources', type=int, default=3, help='K, the number of degradation sources')
-    parser.add_argument('--batch', type=int, default=3)
-    parser.add_argument('--crop', type=int, default=128)
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--iters', type=int, default=5)
-    parser.add_argument('--rounds', type=int, default=1, choices=(1, 2))
-    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    parser.add_argument('--modes', nargs='+', default=DEFAULT_MODES,
-                        help='modes to compare; the first is the baseline of the ratios')
-    parser.add_argument('--json', help='also write the rows to this JSON file')
-    parser.add_argument('--one-mode', help=argparse.SUPPRESS)  # internal: run one mode, print its JSON row
-    args = parser.parse_args(argv)
+    from baryir_plugin.analysis.flags import (check_network, check_output_file, non_negative_int, positive_int,
+                                              tool_parser)
+    from baryir_plugin.analysis.machine import check_device
+
+    p = tool_parser(PROG, __doc__, full_doc=True)
+    p.add_argument('--dim', type=positive_int, default=48, help='BaryIR width (even; default 48)')
+    p.add_argument('--num-blocks', type=positive_int, nargs=4, default=[4, 6, 6, 8])
+    p.add_argument('--num-refinement-blocks', type=non_negative_int, default=4)
+    p.add_argument('--num-bary-blocks', type=positive_int, default=None)
+    p.add_argument('--sources', type=positive_int, default=3, help='K, the number of degradation sources')
+    p.add_argument('--batch', type=positive_int, default=3)
+    p.add_argument('--crop', type=positive_int, default=128, help='training crop (a multiple of 8, >= 16)')
+    p.add_argument('--warmup', type=non_negative_int, default=2)
+    p.add_argument('--iters', type=positive_int, default=5)
+    p.add_argument('--rounds', type=int, default=1, choices=(1, 2))
+    p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    p.add_argument('--modes', nargs='+', default=DEFAULT_MODES,
+                   help='modes to compare; the first is the baseline of the ratios')
+    p.add_argument('--json', help='also write the rows to this JSON file')
+    p.add_argument('--one-mode', help=argparse.SUPPRESS)  # internal: run one mode, print its JSON row
+    args = p.parse_args(argv)
     from baryir_plugin.analysis import mode_options
     for mode in ([args.one_mode] if args.one_mode else args.modes):
         try:
             mode_options(mode)
         except ValueError as e:
-            parser.error(str(e))
+            p.error(f'--modes: {str(e).rstrip(".")}')
+    check_device(args.device)
+    check_network(args.dim, args.num_blocks, args.num_refinement_blocks, args.num_bary_blocks, args.sources,
+                  args.crop)
+    check_output_file(args.json, '--json')
     return args
 
 
@@ -76,6 +85,25 @@ def _child_argv(argv: list[str], mode: str) -> list[str]:
     return out + ['--one-mode', mode]
 
 
+def _child_failed(mode: str, out: subprocess.CompletedProcess) -> int:
+    """Pass on the output of a mode's process that failed and return its exit status: its own error line
+    (the same program name) is the one line of this run; a process that ended without one (killed, e.g. out
+    of memory) gets one here."""
+    from baryir_plugin.errors import BaryIRError
+
+    print(f'[{mode}] failed:', file=sys.stderr)
+    sys.stdout.write(out.stdout)
+    sys.stderr.write(out.stderr)
+    sys.stderr.flush()
+    lines = out.stderr.splitlines()
+    if any(ln.startswith((f'{PROG}: error:', f'{PROG}: internal error:')) for ln in lines):
+        return out.returncode if out.returncode > 0 else 1
+    how = (f'was killed by signal {-out.returncode}' if out.returncode < 0 else
+           f'ended with exit status {out.returncode}')
+    raise BaryIRError(f'mode {mode}: its process {how} without an error line (out of memory?); its output is above. '
+                      f'Run it alone with --modes {mode} to see more.')
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -89,8 +117,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__)] + _child_argv(argv, mode)
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            print(f'mode {mode} failed:\n{out.stderr[-4000:]}', file=sys.stderr)
-            return out.returncode
+            return _child_failed(mode, out)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         results[mode].append(row)
         print(f'[{mode}] {row["median_s"]:.3f} s/iter, peak {row["peak_mib"]:.0f} MiB', file=sys.stderr, flush=True)
@@ -126,4 +153,4 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
     from baryir_plugin.errors import guarded_main
-    sys.exit(guarded_main('scripts/bench_train_step.py', main))
+    sys.exit(guarded_main(PROG, main))

@@ -10,7 +10,9 @@ docs/datasets.md. For every set of the selected groups this reports:
   images that no LQ uses are counted (RESIDE has clear images without hazy versions: not an error),
 - unreadable images: every file is decoded with cv2.imdecode (and JPEG/PNG files must end with their
   end marker, so a truncated file is caught even by decoders that pad it), in a thread pool,
-- pairs whose LQ and GT sizes differ.
+- pairs whose LQ and GT sizes differ,
+- LMDB twins whose meta_info.txt is malformed or whose data.mdb is truncated or corrupt (checked before the LMDB
+  is opened).
 
 Exit status 0 when every selected set is present and has no problem (WARNs allowed unless --strict),
 1 otherwise, with a summary naming each failing set and its first offending files and a last line
@@ -33,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 
-from baryir_plugin.data.checks import ToolParser, inspect_image, positive_int
+from baryir_plugin.data.checks import ToolParser, inspect_image, lmdb_problem, positive_int
 from baryir_plugin.data.layout import (GROUPS, SETS_BY_KEY, DatasetSet, compile_rule, gt_stem, list_images,
                                        lmdb_keys, select, stem)
 from baryir_plugin.errors import DataError, UsageError, guarded_main
@@ -55,6 +57,8 @@ class Listing:
         path: what was found, as the user wrote the root (``datasets/train/rain/lq`` or ``...lq.lmdb``).
         backend: 'disk', 'lmdb' or None (neither exists).
         names: file names (disk) or keys (LMDB), sorted.
+        error: why an LMDB cannot be read at all (a malformed meta_info.txt, a truncated or corrupt data.mdb,
+            checked without opening it), else None; its images are then not read.
     """
 
     def __init__(self, root: str, folder: str) -> None:
@@ -62,10 +66,20 @@ class Listing:
         plain, twin = os.path.join(root, folder), os.path.join(root, folder + '.lmdb')
         self._env = None
         self._lock = threading.Lock()
+        self.error: str | None = None
         if os.path.isdir(plain) and not plain.endswith('.lmdb'):
             self.backend, self.path, self.names = 'disk', plain, list_images(plain)
         elif os.path.isfile(os.path.join(twin, 'meta_info.txt')):
-            self.backend, self.path, self.names = 'lmdb', twin, sorted(lmdb_keys(twin))
+            self.backend, self.path, self.names = 'lmdb', twin, []
+            try:
+                self.names = sorted(lmdb_keys(twin))
+            except DataError as err:
+                self.error = str(err)
+            problem = None if self.error else lmdb_problem(twin)
+            if problem:  # opening it could kill the process (SIGBUS on a truncated file)
+                self.names = []
+                self.error = (f'the LMDB {twin} is truncated or corrupt ({problem}); rebuild it with '
+                              'scripts/make_lmdb.py')
         else:
             self.backend, self.path, self.names = None, plain, []
 
@@ -179,24 +193,33 @@ def check(root: str, sets: list[DatasetSet], decode: bool = True, workers: int |
                 buf = lst.read(name)
             except OSError as err:
                 return None, f'cannot be read ({err.strerror or err})'
+            except Exception as err:  # noqa: BLE001 (lmdb.Error: a damaged LMDB; named with the image)
+                if type(err).__module__ != 'lmdb':
+                    raise
+                return None, f'cannot be read from the LMDB ({" ".join(str(err).split())}; rebuild it)'
             if buf is None:
                 return None, 'is listed in meta_info.txt but not stored in the LMDB'
             return inspect_image(buf)
 
         workers = workers or min(32, 2 * (os.cpu_count() or 1))
+        bar = None
         try:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 results = pool.map(run, jobs)
                 if progress:
                     from tqdm import tqdm
 
-                    results = tqdm(results, total=len(jobs), unit='img', desc='decoding', file=sys.stderr,
-                                   leave=False)
+                    # left on its own line when closed, so that what follows (an error line) starts a line
+                    bar = tqdm(total=len(jobs), unit='img', desc='decoding', file=sys.stderr, leave=True)
                 for (lst, name), (shape, error) in zip(jobs, results):
                     shapes[(lst.folder, name)] = shape
                     if error:
                         errors[(lst.folder, name)] = error
+                    if bar is not None:
+                        bar.update(1)
         finally:
+            if bar is not None:
+                bar.close()
             for lst in listings.values():
                 lst.close()
 
@@ -221,6 +244,9 @@ def _check_set(s: DatasetSet, listings: dict[str, Listing], shapes: dict, errors
     report.gt = len(gt.names)
     report.lq = len(lq.names) if lq else len(gt.names)
     for lst in ([lq] if lq else []) + [gt]:
+        if lst.error:
+            report.problems.append(Problem('broken_lmdb', 1, lst.error, [lst.path]))
+            continue
         if not lst.names:
             report.problems.append(Problem('empty', 1, f'no images in {lst.path}'))
         dups = _duplicates(lst)
@@ -232,7 +258,7 @@ def _check_set(s: DatasetSet, listings: dict[str, Listing], shapes: dict, errors
         if bad:
             report.problems.append(_problem('unreadable', bad, 'unreadable image(s)'))
 
-    if lq is not None:
+    if lq is not None and not (lq.error or gt.error):  # a damaged LMDB is named above; its keys are unknown
         rule = compile_rule(s.lq_to_gt, f'layout {s.key}')
         rule_text = f'rule lq_to_gt {list(s.lq_to_gt)}' if s.lq_to_gt else 'same stem'
         gt_by_stem = {gt.stem_of(n): n for n in gt.names}

@@ -18,52 +18,62 @@ one GPU (``--budget-s`` caps the step-time table; later rows are marked skipped)
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+PROG = 'scripts/gpu_check.py'
 CHECKS = ('parity', 'steps', 'kernels', 'ddp', 'bf16', 'demo')
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
-    parser.add_argument('--quick', action='store_true', help='tiny network and few iterations (self-test)')
-    parser.add_argument('--checks', nargs='+', choices=CHECKS, default=list(CHECKS))
-    parser.add_argument('--modes', nargs='+', help='training modes of the steps check (default: its list)')
-    parser.add_argument('--fixture', type=Path, help='folder of the reference fixture (expected_outputs.pt, '
-                        'official_format_checkpoint.pt); the parity check is skipped without it')
-    parser.add_argument('--out', default=os.environ.get('OUT', 'gpu_check_out'), help='folder for gpu_check.json')
-    parser.add_argument('--demo-seeds', type=int, nargs='+', default=[10],
-                        help='seeds of the demo check (its 0.1 dB bound is judged on their mean; 3 seeds take 3x)')
-    parser.add_argument('--budget-s', type=float, default=300.0, help='time after which step-table rows are skipped')
-    args = parser.parse_args(argv)
+def parse_args(argv=None):
+    from baryir_plugin.analysis.flags import non_negative_int, positive_float, tool_parser
+    from baryir_plugin.analysis.machine import check_device
+    from baryir_plugin.errors import UsageError
+
+    p = tool_parser(PROG, __doc__, full_doc=True)
+    p.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
+    p.add_argument('--quick', action='store_true', help='tiny network and few iterations (self-test)')
+    p.add_argument('--checks', nargs='+', choices=CHECKS, default=list(CHECKS))
+    p.add_argument('--modes', nargs='+', help='training modes of the steps check (default: its list)')
+    p.add_argument('--fixture', type=Path, help='folder of the reference fixture (expected_outputs.pt, '
+                   'official_format_checkpoint.pt); the parity check is skipped without it')
+    p.add_argument('--out', default=os.environ.get('OUT', 'gpu_check_out'), help='folder for gpu_check.json')
+    p.add_argument('--demo-seeds', type=non_negative_int, nargs='+', default=[10],
+                   help='seeds of the demo check (its 0.1 dB bound is judged on their mean; 3 seeds take 3x)')
+    p.add_argument('--budget-s', type=positive_float, default=300.0,
+                   help='seconds (> 0) after which step-table rows are skipped')
+    args = p.parse_args(argv)
 
     if args.fixture is not None and not (args.fixture / 'expected_outputs.pt').is_file():
-        parser.error(f'--fixture {args.fixture}: no expected_outputs.pt there; give the reference fixture folder '
-                     '(expected_outputs.pt, official_format_checkpoint.pt) or leave --fixture out to skip parity.')
-    import torch
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        print('gpu_check: error: no CUDA device is visible to torch here; run it on a GPU machine, or add '
-              '--device cpu --quick for the self-test.', file=sys.stderr)
-        return 2
+        p.error(f'--fixture {args.fixture}: no expected_outputs.pt there; give the reference fixture folder '
+                '(expected_outputs.pt, official_format_checkpoint.pt), or leave --fixture out to skip parity')
+    out = Path(args.out)
+    blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f'--out {args.out}: {blocked} is a file, not a folder; give a folder for gpu_check.json.')
+    check_device(args.device, hint='run it on a GPU machine, or add --device cpu --quick for the self-test')
     from baryir_plugin.analysis import mode_options
     for mode in args.modes or []:
         try:
             mode_options(mode)
         except ValueError as e:
-            parser.error(str(e))
+            p.error(f'--modes: {str(e).rstrip(".")}')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from baryir_plugin.analysis.gpu_check import run
     report = run(args.checks, quick=args.quick, device=args.device, out_dir=args.out, fixture=args.fixture,
                  budget_s=args.budget_s, steps_modes=args.modes,
                  demo_seeds=tuple(args.demo_seeds))
     failed = [r for r in report['rows'] if r.get('ok') is False or 'error' in r]
-    print(f'gpu_check: {len(report["rows"])} results, {len(failed)} failed, {report["seconds"]:.0f} s; '
+    print(f'{PROG}: {len(report["rows"])} results, {len(failed)} failed, {report["seconds"]:.0f} s; '
           f'{os.path.join(args.out, "gpu_check.json")}')
     return 1 if failed else 0
 
 
 if __name__ == '__main__':
     from baryir_plugin.errors import guarded_main
-    sys.exit(guarded_main('scripts/gpu_check.py', main))
+    sys.exit(guarded_main(PROG, main))

@@ -20,15 +20,16 @@ the validation crops).
     python scripts/make_demo_data.py --out datasets/demo            # the README's demo (seconds)
     python scripts/make_demo_data.py --out DIR --preset tiny --lmdb  # what the tests use
 
-An existing ``--out`` is replaced only when it is empty or holds an earlier demo set (the marker file
-``.baryir-demo-data`` this script writes there); any other folder is refused, so a mistyped ``--out``
-never deletes data.
+An existing ``--out`` is written only when it is empty or holds an earlier demo set (the marker file
+``.baryir-demo-data`` this script writes there, with the list of the files it wrote); any other folder is
+refused, so a mistyped ``--out`` never deletes data. A re-run deletes only the files of that list, and
+refuses (deleting nothing) when the folder also holds files the script did not write; for a marker
+without a list (an older run, or an interrupted one) only files of the layout above count as its own.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 import cv2
@@ -36,6 +37,10 @@ import numpy as np
 
 PROG = 'scripts/make_demo_data.py'
 MARKER = '.baryir-demo-data'  # written into --out: an earlier demo set may be replaced
+_MARKER_HEAD = ('written by scripts/make_demo_data.py; when it runs again it deletes the files listed below, and '
+                'nothing else\n')
+_MANIFEST = 'files:'
+_LMDB_FILES = ('data.mdb', 'lock.mdb', 'meta_info.txt')
 PAIRED = ('rain', 'haze', 'blur', 'lowlight')
 PRESETS = {
     # train: photos cut into tiles of train_size; val: (photo, height, width) centre crops
@@ -63,15 +68,59 @@ def _errors():
     return errors
 
 
-def check_out(out: str) -> None:
-    """``out`` may be written: absent, empty, or an earlier demo set with its marker (which is replaced).
+def _layout_folder(parts: list[str]) -> bool:
+    """Whether a folder (path parts under ``out``) is one of the image folders the script writes."""
+    if parts == ['train', 'clean']:
+        return True
+    kinds = {'train': PAIRED, 'val': ('noise',) + PAIRED}
+    return len(parts) == 3 and parts[2] in ('gt', 'lq') and parts[1] in kinds.get(parts[0], ())
+
+
+def is_layout_file(rel: str) -> bool:
+    """Whether a file (path relative to ``out``, with /) is one of those the script writes: a .png of an image
+    folder, or a file of the LMDB twin of one."""
+    *folder, name = rel.split('/')
+    if name.endswith('.png') and not name.startswith('.'):
+        return _layout_folder(folder)
+    return (name in _LMDB_FILES and bool(folder) and folder[-1].endswith('.lmdb')
+            and _layout_folder(folder[:-1] + [folder[-1][:-len('.lmdb')]]))
+
+
+def read_manifest(out: str) -> set[str] | None:
+    """The files an earlier run listed in its marker (paths relative to ``out``), or None when the marker has no
+    list (an older or interrupted run)."""
+    try:
+        with open(os.path.join(out, MARKER), encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if _MANIFEST not in lines:
+        return None
+    return {line for line in lines[lines.index(_MANIFEST) + 1:] if line.strip()}
+
+
+def _files_under(out: str) -> list[str]:
+    """Every file under ``out`` except the marker (paths relative to it, with /); a link counts as a file."""
+    found = []
+    for folder, dirs, files in os.walk(out):
+        rel = os.path.relpath(folder, out).replace(os.sep, '/')
+        prefix = '' if rel == '.' else f'{rel}/'
+        found += [f'{prefix}{d}' for d in dirs if os.path.islink(os.path.join(folder, d))]
+        found += [f'{prefix}{f}' for f in files if prefix or f != MARKER]
+    return sorted(found)
+
+
+def check_out(out: str) -> list[str]:
+    """``out`` may be written: absent, empty, or an earlier demo set (its marker) holding only the files that run
+    wrote. Returns those files (relative to ``out``), which :func:`build` deletes.
 
     Raises:
-        DataError: ``out`` is a file, or a folder holding anything else.
+        DataError: ``out`` is a file, a folder that is no demo set, or a demo set holding other files too
+            (nothing is deleted).
     """
     errors = _errors()
     if not os.path.exists(out):
-        return
+        return []
     if not os.path.isdir(out):
         raise errors.DataError(f'--out {out!r} is a file; give a folder for the demo set.')
     entries = set(os.listdir(out))
@@ -79,6 +128,37 @@ def check_out(out: str) -> None:
         shown = ', '.join(sorted(entries)[:3]) + (', ...' if len(entries) > 3 else '')
         raise errors.DataError(f'--out {out!r} exists and is not a demo set written by this script (it holds '
                                f'{shown}); nothing was written. Choose another --out, or remove the folder yourself.')
+    manifest = read_manifest(out)
+    ours, foreign = [], []
+    for rel in _files_under(out):
+        mine = rel in manifest if manifest is not None else is_layout_file(rel)
+        (ours if mine else foreign).append(rel)
+    if foreign:
+        shown = ', '.join(foreign[:5]) + (f', ... ({len(foreign)} in all)' if len(foreign) > 5 else '')
+        raise errors.DataError(f'--out {out!r} holds a demo set, but also {len(foreign)} file(s) this script did not '
+                               f'write: {shown}; nothing was deleted or written. Move them out of the folder, or '
+                               'choose another --out.')
+    return ours
+
+
+def _remove(out: str, files: list[str]) -> None:
+    """Delete ``files`` (relative to ``out``), then the folders they leave empty (never ``out`` itself)."""
+    folders = set()
+    for rel in files:
+        os.remove(os.path.join(out, *rel.split('/')))
+        parts = rel.split('/')[:-1]
+        folders.update('/'.join(parts[:i]) for i in range(1, len(parts) + 1))
+    for rel in sorted(folders, key=lambda f: f.count('/'), reverse=True):
+        try:
+            os.rmdir(os.path.join(out, *rel.split('/')))
+        except OSError:  # not empty: something else lives there
+            pass
+
+
+def _write_marker(out: str, files: list[str] | None = None) -> None:
+    text = _MARKER_HEAD + ('' if files is None else '\n'.join([_MANIFEST, *files]) + '\n')
+    with open(os.path.join(out, MARKER), 'w', encoding='utf-8') as f:
+        f.write(text)
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -155,12 +235,9 @@ def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> 
 
     cfg = PRESETS[preset]
     rng = np.random.default_rng(seed)
-    check_out(out)
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    with open(os.path.join(out, MARKER), 'w', encoding='utf-8') as f:
-        f.write('written by scripts/make_demo_data.py; the folder is replaced when the script runs again\n')
+    _remove(out, check_out(out))
+    os.makedirs(out, exist_ok=True)
+    _write_marker(out)  # no list yet: an interrupted run is told apart by the layout
     counts: dict[str, int] = {}
     photos = {photo: load_photo(photo) for photo in cfg['train_photos']}
     tiles = [(f'{photo}_{i:02d}', tile) for photo, img in photos.items()
@@ -188,6 +265,7 @@ def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> 
                     for sub in ('gt', 'lq')]
         for folder in folders:
             _make_lmdb(folder)
+    _write_marker(out, _files_under(out))  # the folder held none but its own files: all of them are this run's
     return counts
 
 
@@ -197,7 +275,8 @@ def main(argv=None) -> int:
 
     parser = ToolParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='datasets/demo',
-                        help='output folder (an earlier demo set there is replaced; any other folder is refused)')
+                        help='output folder (the files of an earlier demo set there are replaced; any other '
+                             'folder, or one holding other files too, is refused)')
     parser.add_argument('--preset', choices=sorted(PRESETS), default='demo')
     parser.add_argument('--lmdb', action='store_true', help='also write BasicSR LMDB twins')
     parser.add_argument('--seed', type=non_negative_int, default=0)

@@ -22,9 +22,10 @@ shows (does T help or hurt at equal cost), not what the full model reaches.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -32,6 +33,9 @@ from pathlib import Path
 
 import yaml
 
+from baryir_plugin.errors import BaryIRError, DataError, SetupError, UsageError
+
+PROG = 'scripts/study_barycenter_map.py'
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TEMPLATE = REPO / 'options' / 'train_baryir_demo.yml'
 TEST_TEMPLATES = {'shared': REPO / 'options' / 'test_baryir_shared_data.yml',
@@ -44,18 +48,51 @@ IN_DISTRIBUTION = ('Rain100L', 'CBSD68_sigma15', 'CBSD68_sigma25', 'CBSD68_sigma
 def _console(name: str) -> str:
     path = Path(sys.executable).with_name(name)
     if not path.exists():
-        raise SystemExit(f'{name!r} is not installed beside {sys.executable}; run `pip install -e .` first.')
+        raise SetupError(f'{name!r} is not installed beside {sys.executable}; run `pip install -e .` first.')
     return str(path)
 
 
+def _shown(cmd: list[str]) -> str:
+    """A child command as the user would type it (``python`` for this interpreter, the console name alone)."""
+    words = ['python' if cmd[0] == sys.executable else Path(cmd[0]).name] + [str(c) for c in cmd[1:]]
+    return shlex.join(words)
+
+
+def child_failed(cmd: list[str], status: int, log: Path | None = None, note: str = '') -> BaryIRError:
+    """The one error of this script for a child command that failed; the child's own error line, which
+    says what is wrong, has been printed above it."""
+    where = f'; its whole output is in {log}' if log is not None else ''
+    how = f'was killed by signal {-status}' if status < 0 else f'failed with exit status {status}'
+    return BaryIRError(f'`{_shown(cmd)}` {how}: its own error line above says why{note}{where}. '
+                       'Fix that and run the study again.')
+
+
 def _run(cmd: list[str], cwd: Path, log: Path) -> float:
+    """Run a child command with its output in ``log``; on failure print the child's own error line (or, if
+    it printed none, the end of its output) and raise one error naming the command."""
     start = time.perf_counter()
     with open(log, 'w') as f:
         proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f'{" ".join(cmd)} failed (exit {proc.returncode}); log {log}:\n{tail}')
+        lines = log.read_text(errors='replace').splitlines()
+        own = [ln for ln in lines if re.match(r'^[\w./ -]+: (internal )?error: ', ln)]
+        sys.stdout.flush()
+        print('\n'.join(own or lines[-25:]), file=sys.stderr, flush=True)
+        raise child_failed(cmd, proc.returncode, log)
     return time.perf_counter() - start
+
+
+def check_sources(sources: list[str]) -> None:
+    """--sources: names of SOURCES, each once, in that order."""
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        from baryir_plugin.errors import did_you_mean
+        raise UsageError(f'--sources: unknown {unknown}{did_you_mean(unknown[0], SOURCES)}; choose from '
+                         f'{" ".join(SOURCES)}.')
+    ordered = [s for s in SOURCES if s in sources]
+    if list(sources) != ordered:
+        raise UsageError(f'--sources {" ".join(sources)}: give each source once, in the order {" ".join(SOURCES)} '
+                         f'(here: --sources {" ".join(ordered)}).')
 
 
 def train_options(name: str, with_t: bool, sources: list[str], iters: int, data_dir: str, dim: int) -> dict:
@@ -65,7 +102,7 @@ def train_options(name: str, with_t: bool, sources: list[str], iters: int, data_
     train = opt['datasets']['train']
     kept = [s for s in train['sources'] if s['name'] in sources]
     if [s['name'] for s in kept] != list(sources):
-        raise SystemExit(f'--sources must be taken from {SOURCES}, in that order; got {sources}.')
+        raise UsageError(f'--sources must be taken from {SOURCES}, in that order; got {sources}.')
     for s in kept:
         _point_at(s, data_dir)
     train['sources'] = kept
@@ -106,10 +143,7 @@ def test_options(name: str, train_opt: dict, checkpoint: str, sets: list[str] | 
             _point_at(dataset, data_dir)
         opt['val'] = {**opt['val'], 'save_img': False, 'report': True, 'input_metrics': True}
     if sets:
-        known = [d['name'] for d in opt['datasets'].values()]
-        unknown = sorted(set(sets) - set(known))
-        if unknown:
-            raise SystemExit(f'--sets: unknown {unknown}; choose from {known}.')
+        check_sets(sets, evaluation)
         opt['datasets'] = {k: d for k, d in opt['datasets'].items() if d['name'] in sets}
         average = opt['val'].get('average')
         if isinstance(average, list):  # average over the chosen sets the file averages, if any
@@ -117,6 +151,17 @@ def test_options(name: str, train_opt: dict, checkpoint: str, sets: list[str] | 
     opt['network_g'] = copy.deepcopy(train_opt['network_g'])
     opt['path']['pretrain_network_g'] = checkpoint
     return opt
+
+
+def check_sets(sets: list[str] | None, evaluation: str) -> None:
+    """--sets: names of datasets of the --eval test file."""
+    if not sets:
+        return
+    opt = yaml.safe_load(TEST_TEMPLATES[evaluation].read_text())
+    known = [d['name'] for d in opt['datasets'].values()]
+    unknown = sorted(set(sets) - set(known))
+    if unknown:
+        raise UsageError(f'--sets: unknown {unknown} for --eval {evaluation}; choose from {" ".join(known)}.')
 
 
 def load_summaries(results: Path) -> dict[str, dict]:
@@ -149,37 +194,59 @@ def table(arms: dict[str, dict[str, dict]], evaluation: str = 'shared') -> str:
     return '\n'.join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--eval', choices=sorted(TEST_TEMPLATES), default='shared',
-                        help='shared: real benchmark images under --data-root (default); demo: the demo validation sets')
-    parser.add_argument('--data-root', help='with --eval shared: folder with CBSD68, Kodak24, McMaster, RNI15, '
-                        'Rain100L, Rain100H (see docs/evaluation.md)')
-    parser.add_argument('--iters', type=int, default=1000, help='training iterations of each arm (default 1000)')
-    parser.add_argument('--dim', type=int, default=8, help='BaryIR width (default 8, the demo network)')
-    parser.add_argument('--sources', nargs='+', default=['noise', 'rain', 'haze'],
-                        help='training sources of the demo set (default: the 3-degradation setting noise rain haze)')
-    parser.add_argument('--demo-data', default='datasets/demo', help='demo data folder (built if missing)')
-    parser.add_argument('--sets', nargs='+', default=None,
-                        help='evaluate only these sets of the --eval test file (default: all)')
-    parser.add_argument('--out', default='.', help='working folder: experiments/ and results/ go here')
-    args = parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None):
+    from baryir_plugin.analysis.flags import check_network, positive_int, tool_parser
 
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data_root = None
+    p = tool_parser(PROG, __doc__)
+    p.add_argument('--eval', choices=sorted(TEST_TEMPLATES), default='shared',
+                   help='shared: real benchmark images under --data-root (default); demo: the demo validation sets')
+    p.add_argument('--data-root', help='with --eval shared: folder with CBSD68, Kodak24, McMaster, RNI15, '
+                   'Rain100L, Rain100H (see docs/evaluation.md)')
+    p.add_argument('--iters', type=positive_int, default=1000, help='training iterations of each arm (default 1000)')
+    p.add_argument('--dim', type=positive_int, default=8, help='BaryIR width (even; default 8, the demo network)')
+    p.add_argument('--sources', nargs='+', default=['noise', 'rain', 'haze'],
+                   help=f'training sources of the demo set, in the order {" ".join(SOURCES)} (default: the '
+                   '3-degradation setting noise rain haze)')
+    p.add_argument('--demo-data', default='datasets/demo', help='demo data folder (built if missing)')
+    p.add_argument('--sets', nargs='+', default=None,
+                   help='evaluate only these sets of the --eval test file (default: all)')
+    p.add_argument('--out', default='.', help='working folder: experiments/ and results/ go here')
+    args = p.parse_args(argv)
+
+    check_sources(args.sources)
+    check_sets(args.sets, args.eval)
+    check_network(args.dim)
     if args.eval == 'shared':
         if args.data_root is None:
-            raise SystemExit('--eval shared needs --data-root (the folder of real benchmark images); '
+            raise UsageError('--eval shared needs --data-root (the folder of real benchmark images); '
                              'or pass --eval demo to evaluate on the demo validation sets.')
-        data_root = Path(args.data_root).resolve()
-        if not data_root.is_dir():
-            raise SystemExit(f'--data-root {args.data_root!r} is not a folder.')
+        if not Path(args.data_root).is_dir():
+            raise DataError(f'--data-root {args.data_root!r} is not a folder; give the folder of the real benchmark '
+                            'images (see docs/evaluation.md), or pass --eval demo.')
+    for flag, value, what in (('--out', args.out, 'the working folder'),
+                              ('--demo-data', args.demo_data, 'the demo data folder (built if missing)')):
+        path = Path(value)
+        blocked = next((q for q in (path, *path.parents) if q.exists() and not q.is_dir()), None)
+        if blocked is not None:
+            raise UsageError(f'{flag} {value}: {blocked} is a file, not a folder; give a folder for {what}.')
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data_root).resolve() if args.eval == 'shared' else None
     demo = Path(args.demo_data)
     demo = demo if demo.is_absolute() else (Path.cwd() / demo)
     if not (demo / 'train').is_dir():
-        print(f'[study] building the demo data in {demo}')
-        subprocess.run([sys.executable, str(REPO / 'scripts' / 'make_demo_data.py'), '--out', str(demo)], check=True)
+        print(f'[study] building the demo data in {demo}', flush=True)
+        cmd = [sys.executable, str(REPO / 'scripts' / 'make_demo_data.py'), '--out', str(demo)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode != 0:
+            raise child_failed(cmd, proc.returncode, note=' (its --out is this --demo-data)')
     basicsr = _console('basicsr')
     opts_dir = out / 'study_options'
     opts_dir.mkdir(exist_ok=True)
@@ -218,4 +285,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == '__main__':
     from baryir_plugin.errors import guarded_main
-    sys.exit(guarded_main('scripts/study_barycenter_map.py', main))
+    sys.exit(guarded_main(PROG, main))

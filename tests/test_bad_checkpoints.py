@@ -185,9 +185,15 @@ def test_auto_resume_falls_back_to_the_newest_complete_set(tmp_path, capsys, bre
     assert state['iter'] == 2
     assert opt['path']['resume_state'].endswith('2.state')
     assert opt['path']['pretrain_network_g'].endswith('net_g_2.pth')
-    warning = [ln for ln in capsys.readouterr().out.splitlines() if 'skipping iteration 4' in ln]
+    out = capsys.readouterr().out.splitlines()
+    warning = [ln for ln in out if 'skipping iteration 4' in ln]
     assert len(warning) == 1 and broken in warning[0]
-    assert _files(opt) == before  # nothing deleted or rewritten
+    # nothing deleted or rewritten: iteration 4's files are set aside, out of the way of the resumed run's saves
+    after = _files(opt)
+    assert {k.replace('.unusable', ''): v for k, v in after.items()} == before
+    assert sorted(k for k in after if k.endswith('.unusable')) == sorted(
+        f'{k}.unusable' for k in before if k.endswith(('4.state', '_4.pth')))
+    assert any('kept the files of the skipped iteration' in ln for ln in out)
 
 
 def test_auto_resume_with_no_complete_set_is_an_error_that_keeps_the_files(tmp_path):
@@ -272,8 +278,8 @@ def test_find_resume_point_reads_only_complete_sets(tmp_path):
     opt = _experiment(tmp_path, iterations=(2, 4, 6))
     _truncated(Path(opt['path']['models']) / 'net_potential_6.pth')
     warnings = []
-    path, state = find_resume_point(opt, opt['path']['training_states'], warn=warnings.append)
-    assert state['iter'] == 4 and path.endswith('4.state')
+    path, state, skipped = find_resume_point(opt, opt['path']['training_states'], warn=warnings.append)
+    assert state['iter'] == 4 and path.endswith('4.state') and skipped == [6]
     assert len(warnings) == 1 and 'net_potential_6.pth' in warnings[0]
 
 
@@ -289,3 +295,85 @@ def test_atomic_save_of_an_unwritable_destination_keeps_the_old_file(tmp_path):
         compat.atomic_write(str(target), failing)
     assert target.read_bytes() == b'old'
     assert [p.name for p in tmp_path.iterdir()] == ['net.pth']
+
+
+# --------------------------------------------------------------------------------------------------
+# more ways to point at the wrong file
+def test_convert_official_never_overwrites_its_input_or_names_a_temporary_file(tmp_path):
+    src = _plain(tmp_path)
+    before = src.read_bytes()
+    outcome = run_inprocess(cli.main, ['convert-official', str(src), str(src)])
+    assert_clean_error(outcome, CONVERT, str(src), 'is the input checkpoint', status=2)
+    assert src.read_bytes() == before
+    folder = tmp_path / 'a_folder'
+    folder.mkdir()
+    outcome = run_inprocess(cli.main, ['convert-official', str(folder), str(tmp_path / 'o.pth')])
+    assert_clean_error(outcome, CONVERT, 'a_folder', 'is a folder')
+
+
+def test_atomic_write_names_the_target_and_keeps_the_usual_file_mode(tmp_path):
+    target = tmp_path / 'out'
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        compat.atomic_write(str(target), lambda f: f.write(b'x'))
+    assert info.value.filename == str(target)
+    old = os.umask(0o022)
+    try:
+        compat.atomic_write(str(tmp_path / 'w.pth'), lambda f: f.write(b'x'))
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'w.pth').stat().st_mode & 0o777 == 0o644
+    below_a_file = tmp_path / 'w.pth' / 'x.pth'
+    with pytest.raises(OSError) as info:
+        compat.atomic_write(str(below_a_file), lambda f: f.write(b'x'))
+    assert str(tmp_path / 'w.pth') in str(info.value)
+
+
+def test_explicit_resume_state_needs_the_networks_of_this_experiment(tmp_path):
+    import basicsr.train
+
+    opt = _experiment(tmp_path)
+    opt['auto_resume'] = False
+    other = tmp_path / 'other.state'
+    _write_state(other, 8)
+    opt['path']['resume_state'] = str(other)
+    with pytest.raises(CheckpointError, match=r'iteration 8, but its network file\(s\) .*net_g_8.pth'):
+        basicsr.train.load_resume_state(opt)
+
+
+def test_resuming_past_total_iter_is_an_error(tmp_path):
+    import basicsr.train
+
+    from baryir_plugin.errors import OptionError
+
+    opt = _experiment(tmp_path)
+    opt['train'] = {'total_iter': 4}
+    with pytest.raises(OptionError, match='iteration 4 and train.total_iter is 4: nothing is left to train'):
+        basicsr.train.load_resume_state(opt)
+
+
+def test_a_training_state_given_as_network_weights_is_named(workdir):
+    state = workdir / '6.state'
+    _write_state(state, 6)
+    outcome = run_inprocess(cli.basicsr_main, ['test', '-opt', str(_test_opt(workdir, state))], cwd=workdir)
+    assert_clean_error(outcome, 'basicsr test', str(state), 'is a training state', 'path.resume_state')
+
+
+def test_a_missing_ema_key_is_a_warning_not_silence(workdir):
+    from baryir_plugin.archs import BaryIR
+    net = BaryIR(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8], num_bary_blocks=1)
+    weights = _torch_file(workdir / 'w.pth', {'params': net.state_dict()})
+    outcome = run_inprocess(cli.basicsr_main,
+                            ['test', '-opt', str(_test_opt(workdir, weights, param_key_g='params_ema'))], cwd=workdir)
+    assert outcome.status == 0, outcome.err[-3000:]
+    assert "has no 'params_ema' weights" in outcome.text and 'WARNING' in outcome.text
+
+
+def test_testing_without_weights_is_an_error(workdir):
+    import yaml
+    opt = yaml.safe_load(TEST_YML.read_text())
+    opt['path']['pretrain_network_g'] = None
+    path = workdir / 'untrained.yml'
+    path.write_text(yaml.safe_dump(opt))
+    outcome = run_inprocess(cli.basicsr_main, ['test', '-opt', str(path)], cwd=workdir)
+    assert_clean_error(outcome, 'basicsr test', 'untrained.yml', 'path.pretrain_network_g is not set')

@@ -167,3 +167,66 @@ def test_scripts_print_one_line(tmp_path, script, argv, needles, status):
     last = outcome.err.strip().splitlines()[-1]
     for needle in needles:
         assert needle in last, last
+
+
+# --------------------------------------------------------------------------------------------------
+# the environment and the options a constructor checks itself
+def _model_opt(workdir, edit) -> str:
+    import yaml
+    opt = yaml.safe_load((OPTIONS / 'train_baryir_model.yml').read_text())
+    opt['train']['total_iter'] = 1
+    opt.pop('val')
+    opt['datasets'].pop('val')
+    edit(opt)
+    path = workdir / 'edited.yml'
+    path.write_text(yaml.safe_dump(opt, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize('edit, needles, status', [
+    (lambda o: o.update(num_gpu=1), ['num_gpu is 1', 'no usable CUDA GPU'], 1),
+    (lambda o: o.update(manual_seed='abc'), ['manual_seed must be an integer', "'abc'"], 1),
+    (lambda o: o['train']['optim_g'].update(lr=-1.0), ['train.optim_*', 'Invalid learning rate'], 1),
+    (lambda o: o['train'].update(scheduler={'type': 'CosineAnnealingRestartLR', 'periods': [1],
+                                            'restart_weights': [1, 1]}),
+     ['train.scheduler (CosineAnnealingRestartLR)', 'same length'], 1),
+], ids=['num-gpu-without-cuda', 'seed-text', 'negative-lr', 'scheduler-lengths'])
+def test_options_the_constructors_refuse_are_one_line(workdir, edit, needles, status):
+    if torch.cuda.is_available() and 'num_gpu is 1' in needles[0]:
+        pytest.skip('this machine has a GPU')
+    outcome = run_inprocess(cli.basicsr_main, ['train', '-opt', _model_opt(workdir, edit)], cwd=workdir)
+    assert_clean_error(outcome, TRAIN, *needles, status=status)
+
+
+def test_launcher_pytorch_outside_torchrun_is_a_usage_error(workdir, monkeypatch):
+    for var in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_RANK'):
+        monkeypatch.delenv(var, raising=False)
+    outcome = run_inprocess(cli.basicsr_main, ['train', '-opt', _model_opt(workdir, lambda o: None),
+                                               '--launcher', 'pytorch'], cwd=workdir)
+    assert_clean_error(outcome, TRAIN, '--launcher pytorch', 'torchrun', status=2)
+
+
+def test_a_flag_without_its_value_is_reported_once(workdir):
+    outcome = run_inprocess(cli.basicsr_main, ['train', '-opt', _model_opt(workdir, lambda o: None), '--force_yml'],
+                            cwd=workdir)
+    assert outcome.status == 2 and 'Traceback' not in outcome.text
+    assert outcome.err.count('expected at least one argument') == 1, outcome.err
+
+
+def test_a_data_root_with_yaml_characters_stays_one_path(tmp_path):
+    import yaml
+    root = tmp_path / 'my data #1: b'
+    (root / 'gt').mkdir(parents=True)
+    opt = tmp_path / 'x.yml'
+    opt.write_text('name: x\ndatasets:\n  test_1:\n    dataroot_gt: ${data_root}/gt  # the clean images\n')
+    (tmp_path / 'out').mkdir()
+    resolved = cli.resolve_data_root(str(opt), str(root), str(tmp_path / 'out'))
+    assert yaml.safe_load(open(resolved))['datasets']['test_1']['dataroot_gt'] == root.as_posix() + '/gt'
+
+
+def test_an_lmdb_error_is_one_line():
+    import lmdb
+    try:
+        lmdb.open('no/such/set.lmdb', readonly=True, lock=False)
+    except lmdb.Error as e:
+        assert 'no/such/set.lmdb' in user_message(e) and 'make_lmdb.py' in user_message(e)

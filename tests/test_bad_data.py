@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import baryir_plugin.cli
-from baryir_plugin.errors import guarded_main
+from baryir_plugin.errors import DataError, OptionError, guarded_main
 
 from .bad_input import assert_clean_error, run_inprocess
 from .conftest import OPTIONS, load_script
@@ -294,8 +294,18 @@ def test_test_missing_folder(project, checkpoint):
 
 
 def test_test_single_image_dataset(project, checkpoint):
-    """An LQ-only set cannot be scored; without metrics a corrupt image is named."""
-    lq_only = _set('test_1', type='SingleImageDataset', dataroot_lq=f'{VAL}/lq')
+    """An LQ-only set cannot be scored; without metrics a corrupt image is named. The paired set's dataroot_gt,
+    left in the entry, would be ignored: it is named."""
+    retyped = _set('test_1', type='SingleImageDataset', dataroot_lq=f'{VAL}/lq')
+    assert_clean_error(run_test(project, checkpoint, retyped), TEST, 'datasets.test_1.dataroot_gt',
+                       'not read by SingleImageDataset', 'remove it')
+
+    def lq_only(opt: dict) -> None:
+        retyped(opt)
+        for key in ('dataroot_gt', 'filename_tmpl'):
+            opt['datasets']['test_1'].pop(key)
+
+    shutil.rmtree(project / 'results')  # BasicSR archives an earlier run's folder by the second: one per second
     assert_clean_error(run_test(project, checkpoint, lq_only), TEST, 'datasets.test_1', 'SingleImageDataset',
                        'val.metrics')
 
@@ -305,6 +315,191 @@ def test_test_single_image_dataset(project, checkpoint):
 
     _damage(project / VAL / 'lq' / 'chelsea.png', 'truncated')
     assert_clean_error(run_test(project, checkpoint, no_metrics), TEST, f'{VAL}/lq/chelsea.png', 'truncated PNG')
+
+
+# ------------------------------------------------------------------------------------------------ dataset options
+
+@pytest.mark.parametrize('index, typo, meant', [(1, 'repat', 'repeat'), (0, 'sigma', 'sigmas')])
+def test_train_typo_in_a_source_option(project, index, typo, meant):
+    """A misspelt key of an AllInOneDataset source (repeat would fall back to 1, sigma be ignored) is named."""
+    def edit(opt: dict) -> None:
+        opt['datasets']['train']['sources'][index][typo] = 2
+
+    assert_clean_error(run_train(project, edit, base='train_baryir_model.yml'), TRAIN,
+                       f'datasets.train.sources[{index}].{typo}', f'did you mean {meant!r}')
+
+
+def test_train_typo_in_a_loader_option(project):
+    assert_clean_error(run_train(project, _set(dataset_enlarge_ration=2)), TRAIN,
+                       'datasets.train.dataset_enlarge_ration', "did you mean 'dataset_enlarge_ratio'")
+    _no_models(project)
+
+
+def test_test_typo_in_a_dataset_option(project, checkpoint):
+    assert_clean_error(run_test(project, checkpoint, _set('test_1', filename_tmp='{}_x4')), TEST,
+                       'datasets.test_1.filename_tmp', "did you mean 'filename_tmpl'")
+
+
+def test_unknown_dataset_options_by_kind_of_type(monkeypatch):
+    from basicsr.data.paired_image_dataset import PairedImageDataset
+
+    from baryir_plugin.data import checks
+
+    paired = {'name': 'v', 'type': 'PairedImageDataset', 'phase': 'val', 'dataroot_gt': 'gt', 'dataroot_lq': 'lq'}
+    with pytest.raises(OptionError, match=r"datasets\.val\.filename_tmp .*did you mean 'filename_tmpl'"):
+        checks.check_dataset_keys(dict(paired, filename_tmp='{}'), 'datasets.val')
+    with pytest.raises(OptionError, match=r'datasets\.val\.colour_jitter is not an option of PairedImageDataset '
+                                          r'\(PairedImageDataset reads dataroot_gt'):
+        checks.check_dataset_keys(dict(paired, colour_jitter=True), 'datasets.val')
+    with pytest.raises(OptionError, match=r'sources\[1\]\.batch_size_per_gpu: .* move it to datasets\.train'):
+        checks.check_dataset_keys(dict(paired, batch_size_per_gpu=2), 'datasets.train.sources[1]', source=True)
+    checks.check_dataset_keys(dict(paired, phase='train', batch_size_per_gpu=2, manual_seed=0), 'datasets.train')
+    warned: list[str] = []
+    monkeypatch.setattr(checks, '_warn', warned.append)
+    # BasicSR's other datasets: an unknown key is a warning, a near miss still an error
+    esrgan = dict(paired, type='RealESRGANPairedDataset')
+    checks.check_dataset_keys(dict(esrgan, colour_jitter=True), 'datasets.val')
+    with pytest.raises(OptionError, match="did you mean 'gt_size'"):
+        checks.check_dataset_keys(dict(esrgan, gt_sise=32), 'datasets.val')
+    # a dataset type of another plugin: without a key list only a near miss of a loader option is named
+    third_party = type('ThirdPartyDataset', (PairedImageDataset,), {'__module__': 'other_plugin.data'})
+    monkeypatch.setattr(checks, '_dataset_class', lambda kind: third_party)
+    checks.check_dataset_keys(dict(paired, type='ThirdPartyDataset', anything=1), 'datasets.val')
+    with pytest.raises(OptionError, match="did you mean 'batch_size_per_gpu'"):
+        checks.check_dataset_keys(dict(paired, type='ThirdPartyDataset', batch_size_per_gpus=1), 'datasets.train')
+    third_party.option_keys = ('dataroot_gt', 'dataroot_lq', 'io_backend')  # with one: unknown keys warn
+    checks.check_dataset_keys(dict(paired, type='ThirdPartyDataset', colour_jitter=1), 'datasets.val')
+    checks.check_dataset_keys(dict(paired, type='ThirdPartyDataset', batch_size_per_gpu=1), 'datasets.val')
+    assert [m.split(' ')[0] for m in warned] == ['datasets.val.colour_jitter', 'datasets.val.colour_jitter',
+                                                 'datasets.val.batch_size_per_gpu']
+    assert 'reads it for datasets.train only' in warned[-1]
+
+
+@pytest.mark.parametrize('option, value, needle', [('gt_size', 32.5, 'must be an integer >= 1'),
+                                                   ('use_rot', 'yes', 'must be true or false'),
+                                                   ('dataset_enlarge_ratio', 0, 'must be an integer >= 1')])
+def test_train_option_of_the_wrong_type(project, option, value, needle):
+    """gt_size: 32.5 ended in a TypeError inside basicsr/data/transforms.py."""
+    assert_clean_error(run_train(project, _set(**{option: value})), TRAIN, f'datasets.train.{option}', needle,
+                       repr(value))
+
+
+def test_train_prefetch_mode(project, monkeypatch):
+    from baryir_plugin.data import checks
+
+    assert_clean_error(run_train(project, _set(prefetch_mode='gpu')), TRAIN, 'datasets.train.prefetch_mode',
+                       "got 'gpu'", 'cpu', 'cuda')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert_clean_error(run_train(project, _set(prefetch_mode='cuda', pin_memory=True)), TRAIN,
+                       'datasets.train.prefetch_mode', 'cuda needs a CUDA GPU')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    entry = {'name': 't', 'type': 'PairedImageDataset', 'phase': 'train', 'prefetch_mode': 'cuda'}
+    with pytest.raises(OptionError, match=r'datasets\.train\.prefetch_mode: cuda needs pin_memory: true'):
+        checks.check_dataset_values(entry, 'datasets.train')
+    checks.check_dataset_values(dict(entry, pin_memory=True), 'datasets.train')
+
+
+# ------------------------------------------------------------------------------------------------ LMDB files
+
+def test_train_lmdb_meta_info_with_garbage_lines(project):
+    (project / RAIN / 'gt.lmdb' / 'meta_info.txt').write_text('garbage line\n\n')
+    out = run_train(project, base='train_srmodel_baryir_lmdb.yml')
+    assert_clean_error(out, TRAIN, 'datasets.train.dataroot_gt', f"'{RAIN}/gt.lmdb/meta_info.txt'", 'is malformed',
+                       "line 1 reads 'garbage line'", "'<key>.png (h,w,c) <compress>'")
+
+
+def test_lmdb_meta_info_lines_are_checked(tiny_dataset, tmp_path):
+    from baryir_plugin.data import layout
+
+    lmdb = shutil.copytree(tiny_dataset / 'train' / 'rain' / 'gt.lmdb', tmp_path / 'gt.lmdb')
+    good = (lmdb / 'meta_info.txt').read_text()
+    assert layout.lmdb_keys(str(lmdb)) == ['astronaut_00', 'astronaut_01', 'coffee_00', 'coffee_01']
+    for text, needle in ((good + '\n', 'line 5 is empty'), ('coffee_00.png 48 48 3 1\n', "line 1 reads 'coffee_00"),
+                         (good.replace('.png', ''), 'line 1 reads')):
+        (lmdb / 'meta_info.txt').write_text(text)
+        with pytest.raises(DataError, match=needle):
+            layout.lmdb_keys(str(lmdb))
+
+
+@pytest.mark.parametrize('how', ['zero-byte', 'truncated'])
+def test_train_broken_lmdb_data_file(project, how):
+    """A truncated data.mdb killed the process with SIGBUS (exit 135, no message); it is named before it is read."""
+    data = project / RAIN / 'gt.lmdb' / 'data.mdb'
+    data.write_bytes(b'' if how == 'zero-byte' else data.read_bytes()[:5000])
+    out = run_train(project, base='train_srmodel_baryir_lmdb.yml')
+    assert_clean_error(out, TRAIN, 'datasets.train.dataroot_gt', f"the LMDB '{RAIN}/gt.lmdb'", 'truncated or corrupt',
+                       'rebuild it with scripts/make_lmdb.py')
+
+
+def test_lmdb_reader_checks_the_file_before_mapping_it(tiny_dataset, tmp_path, monkeypatch):
+    import lmdb as lmdb_module
+
+    from baryir_plugin.data import checks
+
+    folder = shutil.copytree(tiny_dataset / 'train' / 'rain' / 'gt.lmdb', tmp_path / 'gt.lmdb')
+    data = folder / 'data.mdb'
+    whole = data.read_bytes()
+    assert checks.lmdb_problem(str(folder)) is None
+    for size in (0, 100, 4096, 5000, 12288, len(whole) - 1):  # every one SIGBUSes or fails inside lmdb unchecked
+        data.write_bytes(whole[:size])
+        with pytest.raises(DataError, match=r"the LMDB '.*gt\.lmdb' is truncated or corrupt"):
+            checks.CheckedFileClient('lmdb', db_paths=[str(folder)], client_keys=['gt'])
+    data.write_bytes(whole)
+    client = checks.CheckedFileClient('lmdb', db_paths=[str(folder)], client_keys=['gt'])
+    assert len(client.get('coffee_00', 'gt')) > 0
+
+    def fail(*args, **kwargs):
+        raise lmdb_module.CorruptedError(f'{folder}: MDB_CORRUPTED: Located page was wrong type')
+
+    monkeypatch.setattr(lmdb_module, 'open', fail)
+    with pytest.raises(DataError, match=r"gt\.lmdb' is truncated or corrupt \(it cannot be opened: .*MDB_CORRUPTED"):
+        checks.CheckedFileClient('lmdb', db_paths=[str(folder)], client_keys=['gt'])
+
+
+# ------------------------------------------------------------------------------------------------ metrics, names
+
+@pytest.mark.parametrize('height, width', [(3, 5), (1, 1)])
+def test_test_stock_model_metric_without_a_value(project, checkpoint, height, width):
+    """SRModel printed `# ssim: nan` for a set holding an image smaller than SSIM's 11x11 window."""
+    for side in ('gt', 'lq'):
+        path = project / VAL / side / 'chelsea.png'
+        cv2.imwrite(str(path), cv2.imread(str(path))[:height, :width])
+    out = run_test(project, checkpoint)
+    assert_clean_error(out, TEST, 'datasets.test_1 (tiny_val)', 'ssim of image', f'{VAL}/lq/chelsea.png',
+                       f'({width}x{height}, WxH) is nan', '11x11', 'model_type: BaryIRModel', 'val.metrics.ssim')
+    assert 'ssim: nan' not in out.text
+
+
+def test_metric_check_leaves_baryir_validation_alone():
+    import basicsr.metrics
+    import basicsr.models.sr_model
+
+    import baryir_plugin.models.validation as validation
+
+    assert validation.calculate_metric is basicsr.metrics.calculate_metric  # reports per image (unavailable)
+    assert getattr(basicsr.models.sr_model.calculate_metric, '_baryir_checked', False)
+
+
+def test_test_two_sets_of_one_name(project, checkpoint):
+    """The second set's restored images overwrote the first's in results/<run>/visualization/<name>/."""
+    def edit(opt: dict) -> None:
+        opt['datasets']['test_2'] = dict(opt['datasets']['test_1'])
+
+    out = run_test(project, checkpoint, edit)
+    assert_clean_error(out, TEST, 'datasets.test_1 and datasets.test_2', "both named 'tiny_val'", 'visualization',
+                       'a name of its own')
+    assert not list(project.glob('results/*/visualization/*/*.png'))
+
+
+def test_validation_sets_of_one_name():
+    from baryir_plugin.data import checks
+
+    entry = {'type': 'PairedImageDataset', 'name': 'a'}
+    opt = {'is_train': True, 'datasets': {'train': dict(entry), 'val': dict(entry), 'val_2': dict(entry, name='b')}}
+    checks.check_unique_names(opt)  # the training set may share its name with a validation set
+    opt['datasets']['val_3'] = dict(entry, name='b')
+    with pytest.raises(OptionError, match=r"datasets\.val_2 and datasets\.val_3 are both named 'b': validation"):
+        checks.check_unique_names(opt)
 
 
 # ------------------------------------------------------------------------------------------------ dataset tools
@@ -338,6 +533,23 @@ def test_check_datasets_corrupt_image(fake_tree, tmp_path):
     out = run_inprocess(_tool('check_datasets'), ['--root', str(root), '--group', '3deg-train', '--workers', '1'])
     assert_clean_error(out, CHECK, '1 of 3 selected set(s)', 'train/rain', 'train/rain/lq/rain-2.png', 'truncated PNG')
     assert 'FAIL train/rain' in out.out  # the report is printed first
+    # the progress bar ends its line: the error line is a line of its own, not the bar's remainder
+    assert any(line.startswith(f'{CHECK}: error:') for line in out.err.split('\n')), repr(out.err[-300:])
+    assert 'decoding' in out.err
+
+
+def test_check_datasets_broken_lmdb(fake_tree, tmp_path):
+    """A truncated data.mdb and a malformed meta_info.txt are reported (and the first never opened: SIGBUS)."""
+    lmdb_root = tmp_path / 'lmdb'
+    assert run_inprocess(_tool('make_lmdb'), ['--root', str(fake_tree), '--out', str(lmdb_root), '--sets',
+                                              'train/noise', 'train/rain']).status == 0
+    data = lmdb_root / 'train/noise.lmdb/data.mdb'
+    data.write_bytes(data.read_bytes()[:5000])
+    (lmdb_root / 'train/rain/gt.lmdb/meta_info.txt').write_text('garbage line\n')
+    out = run_inprocess(_tool('check_datasets'), ['--root', str(lmdb_root), '--sets', 'train/noise', 'train/rain',
+                                                  '--workers', '1'])
+    assert_clean_error(out, CHECK, '2 of 2 selected set(s)', 'train/noise.lmdb is truncated or corrupt',
+                       'is malformed: line 1')
 
 
 @pytest.mark.parametrize('argv, needle', [(['--workers', '0'], 'must be at least 1'),
@@ -398,6 +610,31 @@ def test_make_demo_data_bad_seed(tmp_path):
     out = run_inprocess(_tool('make_demo_data'), ['--out', str(tmp_path / 'demo'), '--seed', '-1'])
     assert_clean_error(out, DEMO, '--seed', 'must be at least 0', status=2)
     assert not (tmp_path / 'demo').exists()
+
+
+def test_make_demo_data_never_deletes_files_it_did_not_write(tmp_path):
+    """A demo folder holding a user's notes and weights was replaced wholesale."""
+    demo = load_script('make_demo_data')
+    out = tmp_path / 'demo'
+    demo.build(str(out), preset='tiny')
+    (out / 'NOTES.txt').write_text('my notes')
+    (out / 'val' / 'custom').mkdir()
+    (out / 'val' / 'custom' / 'my_weights.pth').write_bytes(b'weights')
+    before = sorted(p for p in out.rglob('*'))
+    result = run_inprocess(_tool('make_demo_data'), ['--out', str(out), '--preset', 'tiny'])
+    assert_clean_error(result, DEMO, repr(str(out)), '2 file(s) this script did not write', 'NOTES.txt',
+                       'val/custom/my_weights.pth', 'nothing was deleted')
+    assert sorted(p for p in out.rglob('*')) == before and (out / 'NOTES.txt').read_text() == 'my notes'
+    # a marker of an older run (no list of files): only files of the script's layout are its own
+    (out / demo.MARKER).write_text('written by scripts/make_demo_data.py\n')
+    result = run_inprocess(_tool('make_demo_data'), ['--out', str(out), '--preset', 'tiny'])
+    assert_clean_error(result, DEMO, 'NOTES.txt', 'val/custom/my_weights.pth')
+    for path in (out / 'NOTES.txt', out / 'val' / 'custom' / 'my_weights.pth'):
+        path.unlink()
+    (out / 'val' / 'rain' / 'gt' / 'extra.png').write_bytes(b'png')  # the layout's: replaced with the set
+    demo.build(str(out), preset='tiny')
+    assert not (out / 'val' / 'rain' / 'gt' / 'extra.png').exists() and (out / 'val' / 'custom').is_dir()
+    assert 'train/clean/coffee_00.png' in demo.read_manifest(str(out))
 
 
 def test_make_demo_data_replaces_its_own_output(tmp_path):

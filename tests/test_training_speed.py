@@ -227,7 +227,8 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(capsys):
     if torch.cuda.is_available():
         pytest.skip('a GPU is visible here')
     script = load_script('gpu_check')
-    assert script.main(['--out', 'unused']) == 2
+    from baryir_plugin.errors import guarded_main
+    assert guarded_main('scripts/gpu_check.py', script.main, ['--out', 'unused']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'no CUDA device' in err[0] and '--device cpu --quick' in err[0]
 
@@ -250,7 +251,7 @@ def test_gpu_check_self_test_on_cpu(tmp_path):
     assert parity['tf32'] is False and parity['max_abs_error'] < 1e-4
     kernels = [r for r in report['rows'] if r['check'] == 'kernels']
     assert all(0 < r['conv_share'] + r['matmul_share'] <= 1 for r in kernels)
-    assert 'gpu_check: ' in out.stdout and ' 0 failed' in out.stdout
+    assert 'scripts/gpu_check.py: ' in out.stdout and ' 0 failed' in out.stdout
 
 
 def test_recipes_without_speed_options_train_in_float32(workdir, monkeypatch):

@@ -29,8 +29,8 @@ import torch
 from .machine import machine_line
 from .train_benchmark import BenchConfig, build_model, random_batches, run_mode
 
-STEP_MODES = ['base', 'cl', 'bf16', 'bf16+cl', 'fp16+cl', 'bf16+cl+reuse', 'ckpt', 'bf16+cl+ckpt',
-              'bf16+cl+compile', 'bf16+cl+reuse+compile']
+STEP_MODES = ['base', 'unguarded', 'cl', 'bf16', 'bf16+cl', 'fp16+cl', 'bf16+cl+reuse', 'bf16+cl+reuse+unguarded',
+              'ckpt', 'bf16+cl+ckpt', 'bf16+cl+compile', 'bf16+cl+reuse+compile']
 QUICK_MODES = ['base', 'cl', 'bf16+cl+reuse', 'ckpt', 'compile']
 CHECKS = ('parity', 'steps', 'kernels', 'ddp', 'bf16', 'demo')
 REPO = Path(__file__).resolve().parents[2]

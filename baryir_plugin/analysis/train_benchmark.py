@@ -11,6 +11,7 @@ defaults. Tokens:
     ckpt           train.checkpointing: true (every Restormer stage, one block per recomputed run)
     ckpt-full-res  train.checkpointing on the full-resolution stages (encoder1, decoder1, refinement)
     foreach        foreach: true for both RMSprop optimizers
+    unguarded      train.nonfinite: ignore (no check of the losses and gradients for NaN/inf)
 
 e.g. ``bf16+cl+reuse``. The data are random batches of K balanced sources, so no dataset is read.
 """
@@ -35,6 +36,7 @@ _TOKENS = {
     'ckpt': ({}, {'checkpointing': True}),
     'ckpt-full-res': ({}, {'checkpointing': {'stages': FULL_RESOLUTION_STAGES, 'every': 1}}),
     'foreach': ({}, {'foreach': True}),
+    'unguarded': ({}, {'nonfinite': 'ignore'}),
 }
 
 

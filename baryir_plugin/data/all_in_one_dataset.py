@@ -56,6 +56,9 @@ class AllInOneDataset(SeededDraws, data.Dataset):
     """
 
     provides_sources = True  # BaryIRModel reads source_names / source_counts / degradation_names
+    # the options it reads (checked when it is built: an unknown one is an error); sources are checked against
+    # their own type's options plus _OWN_KEYS
+    option_keys = ('sources', 'channel_permute', 'manual_seed') + _SHARED_KEYS
 
     def __init__(self, opt: dict) -> None:
         super().__init__()
@@ -90,12 +93,14 @@ class AllInOneDataset(SeededDraws, data.Dataset):
         name = str(entry['name'])
         if name in self.source_names:
             raise OptionError(f'AllInOneDataset: {where}: source name {name!r} appears twice; names must be unique.')
+        checks.check_dataset_keys(entry, where, own=_OWN_KEYS, source=True)
         repeat = entry.get('repeat', 1)
         if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
             raise OptionError(f'AllInOneDataset: {where} ({name}) repeat must be an integer >= 1, got {repeat!r}.')
         sub = {k: copy.deepcopy(v) for k, v in entry.items() if k not in _OWN_KEYS}
+        reads, _ = checks.dataset_option_keys(entry['type'])  # None: not known, so every shared option is passed
         for key in _SHARED_KEYS:
-            if key not in sub and key in self.opt:
+            if key not in sub and key in self.opt and (reads is None or key in reads or key in checks.ENTRY_KEYS):
                 sub[key] = copy.deepcopy(self.opt[key])
         sub.setdefault('scale', 1)
         sub['name'] = f'{self.opt.get("name", "all_in_one")}/{name}'

@@ -47,6 +47,10 @@ class JPEGCompressionDataset(SeededDraws, data.Dataset):
     (``<stem>_q<quality><ext>``, a name for saved results) and ``gt_path``.
     """
 
+    # the options it reads besides name, type, phase and scale (an unknown one is an error when it is built)
+    option_keys = ('dataroot_gt', 'quality', 'io_backend', 'gt_size', 'use_hflip', 'use_rot', 'mean', 'std',
+                   'manual_seed')
+
     def __init__(self, opt: dict) -> None:
         super().__init__()
         self.opt = opt

@@ -214,6 +214,45 @@ def gt_stem(lq_stem: str, rule: tuple[re.Pattern, str] | None) -> str:
     return lq_stem if rule is None else rule[0].sub(rule[1], lq_stem)
 
 
+# meta_info.txt of a BasicSR LMDB: one line per image, as basicsr.utils.lmdb_util writes it
+META_INFO_FORMAT = '<key>.png (h,w,c) <compress>'
+_META_LINE = re.compile(r'^(?P<name>\S(?:.*\S)?) \((?P<h>\d+),(?P<w>\d+),(?P<c>\d+)\) (?P<level>\d+)$')
+
+
+def meta_info_names(lmdb_path: str) -> list[str]:
+    """The image names (``<key>.png``) a BasicSR LMDB lists in its ``meta_info.txt``, every line checked.
+
+    Raises:
+        FileNotFoundError: ``lmdb_path`` has no ``meta_info.txt`` (not a BasicSR LMDB).
+        DataError: a line does not read ``<key>.png (h,w,c) <compress>`` (names the file and the line).
+    """
+    from ..errors import DataError
+
+    meta = os.path.join(lmdb_path, 'meta_info.txt')
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f'{lmdb_path!r} is not a BasicSR LMDB: {meta!r} is missing (build it with '
+                                'scripts/make_lmdb.py).')
+    fix = (f"every line must read '{META_INFO_FORMAT}' (e.g. 'rain-1.png (48,48,3) 1'), as BasicSR's LMDB writer "
+           'makes it. Fix or remove the line, or rebuild the LMDB with scripts/make_lmdb.py.')
+    try:
+        with open(meta, encoding='utf-8') as fin:
+            lines = fin.read().split('\n')
+    except UnicodeDecodeError:
+        raise DataError(f'the meta_info.txt {meta!r} of the LMDB is malformed: it is not UTF-8 text; {fix}') from None
+    if lines and lines[-1] == '':
+        lines.pop()  # the newline that ends the last line
+    names = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip('\r')
+        match = _META_LINE.match(line)
+        name = match.group('name') if match else ''
+        if not match or not is_image(name):
+            shown = 'is empty' if not line.strip() else f'reads {line[:80]!r}'
+            raise DataError(f'the meta_info.txt {meta!r} of the LMDB is malformed: line {number} {shown}; {fix}')
+        names.append(name)
+    return names
+
+
 def lmdb_keys(lmdb_path: str) -> list[str]:
     """The keys of a BasicSR LMDB, read from its ``meta_info.txt`` (lines ``<key>.png (h,w,c) level``).
 
@@ -222,19 +261,6 @@ def lmdb_keys(lmdb_path: str) -> list[str]:
 
     Raises:
         FileNotFoundError: ``lmdb_path`` has no ``meta_info.txt`` (not a BasicSR LMDB).
+        DataError: a malformed line (see :func:`meta_info_names`).
     """
-    meta = os.path.join(lmdb_path, 'meta_info.txt')
-    if not os.path.isfile(meta):
-        raise FileNotFoundError(f'{lmdb_path!r} is not a BasicSR LMDB: {meta!r} is missing (build it with '
-                                'scripts/make_lmdb.py).')
-    keys = []
-    with open(meta, encoding='utf-8') as fin:
-        for line in fin:
-            line = line.rstrip('\n')
-            if not line.strip():
-                continue
-            parts = line.rsplit(' ', 2)
-            # '<name> (h,w,c) level' -> name; a line holding only a name is taken whole
-            name = parts[0] if len(parts) == 3 and parts[1].startswith('(') else line.strip()
-            keys.append(name[:-len(os.path.splitext(name)[1])] if is_image(name) else name)
-    return keys
+    return [name[:-len(os.path.splitext(name)[1])] for name in meta_info_names(lmdb_path)]

@@ -39,6 +39,10 @@ class GaussianNoiseDataset(SeededDraws, data.Dataset):
     ``degradation`` (the sigma index).
     """
 
+    # the options it reads besides name, type, phase and scale (an unknown one is an error when it is built)
+    option_keys = ('dataroot_gt', 'sigmas', 'io_backend', 'gt_size', 'use_hflip', 'use_rot', 'noise_seed',
+                   'manual_seed')
+
     def __init__(self, opt: dict) -> None:
         super().__init__()
         self.opt = opt

@@ -104,6 +104,10 @@ class StemMatchedPairedDataset(SeededDraws, data.Dataset):
     (file paths, or LMDB keys).
     """
 
+    # the options it reads besides name, type, phase and scale (an unknown one is an error when it is built)
+    option_keys = ('dataroot_lq', 'dataroot_gt', 'lq_to_gt', 'io_backend', 'gt_size', 'use_hflip', 'use_rot', 'mean',
+                   'std', 'color', 'filename_tmpl', 'manual_seed')
+
     def __init__(self, opt: dict) -> None:
         super().__init__()
         self.opt = opt

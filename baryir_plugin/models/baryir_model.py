@@ -30,7 +30,7 @@ from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
 
 from baryir_plugin.checkpoints import nonfinite_tensors
 from baryir_plugin.compat import atomic_torch_save
-from baryir_plugin.errors import CheckpointError, OptionError
+from baryir_plugin.errors import CheckpointError, OptionError, TrainingError
 from baryir_plugin.losses import transport_cost
 
 from .options import (CONGRUENCE_STEPS, LAMBDA_MODES, POTENTIAL_STEP_MODES, SAMPLE_WEIGHTINGS, BaryIRTrainOptions,
@@ -152,7 +152,7 @@ class BaryIRModel(BaryIRValidation, SRModel):
         bare_g = self.get_bare_model(self.net_g)
         if not getattr(bare_g, 'uses_barycenter', False):
             raise OptionError('BaryIRModel trains the barycenter map, but network_g has no barycenter latent '
-                             f'(embedding_mode={getattr(bare_g, "embedding_mode", "?")!r}); train it with SRModel.')
+                              f'(embedding_mode={getattr(bare_g, "embedding_mode", "?")!r}); train it with SRModel.')
 
         self.source_names, counts, degradation_names = self._source_stats()
         pot = build_network(self.opt['network_potential'])
@@ -401,15 +401,22 @@ class BaryIRModel(BaryIRValidation, SRModel):
         if hasattr(self, 'net_g_ema'):
             nets.append(('net_g_ema', self.net_g_ema))
         label = 'latest' if current_iter == -1 else current_iter
-        if self.is_train and self.guard.diverging:
-            get_root_logger().error(f'Not saving iteration {label} (net_g_{label}.pth and the rest): the last '
-                                    f'{self.guard.consecutive} iteration(s) skipped non-finite steps; the previous '
-                                    'checkpoints are kept.')
-            return
         bad = [name for name, net in nets if nonfinite_tensors(self.get_bare_model(net).state_dict().values())]
+        why = None
         if bad:
-            get_root_logger().error(f'Not saving iteration {label} (net_g_{label}.pth and the rest): the weights of '
-                                    f'{", ".join(bad)} hold NaN/inf; the previous checkpoints are kept.')
+            why = f'the weights of {", ".join(bad)} hold NaN/inf'
+        elif self.is_train and self.guard.diverging:
+            why = f'the last {self.guard.consecutive} iteration(s) skipped non-finite steps'
+        if why is not None:
+            get_root_logger().error(f'Not saving iteration {label} (net_g_{label}.pth and the rest): {why}; the '
+                                    'previous checkpoints are kept.')
+            if current_iter == -1:  # the end of training: a run whose result was refused must not end as a success
+                last = self.guard.last_finite if self.is_train else None
+                raise TrainingError(f'training ended, but net_g_latest.pth was not saved: {why}. '
+                                    + (f'The last checkpoint saved is {last[1]} (iteration {last[0]}).' if last else
+                                       'No checkpoint was saved.')
+                                    + ' Lower the learning rate (train.optim_*.lr) or check the data for extreme '
+                                    'values.')
             return
         if hasattr(self, 'net_g_ema'):
             self.save_network([self.net_g, self.net_g_ema], 'net_g', current_iter, param_key=['params', 'params_ema'])

@@ -9,11 +9,10 @@
     stop    the first non-finite step stops training with that error.
     ignore  no check (every step is taken, as BasicSR does).
 
-The check is one combined flag per step: the loss's finiteness and the largest gradient magnitude
-(which cannot overflow, unlike a norm), all-reduced (MIN) under DDP so every rank takes or skips the
-step together. Which terms were non-finite is only worked out on the bad path. With fp16 loss scaling
-the GradScaler already skips steps with inf/NaN gradients (that is how it finds its scale), so only the
-loss itself is checked there.
+The check is one combined flag per step: the loss's finiteness and that of the gradients' L1 norm,
+all-reduced (MIN) under DDP so every rank takes or skips the step together. Which terms were non-finite
+is only worked out on the bad path. With fp16 loss scaling the GradScaler already skips steps with
+inf/NaN gradients (that is how it finds its scale), so only the loss itself is checked there.
 """
 from __future__ import annotations
 
@@ -29,11 +28,16 @@ from baryir_plugin.errors import OptionError, TrainingError
 NONFINITE_POLICIES = ('skip', 'stop', 'ignore')
 
 
-def _largest_gradient(optimizer: torch.optim.Optimizer) -> Optional[torch.Tensor]:
+def gradient_total(optimizer: torch.optim.Optimizer) -> Optional[torch.Tensor]:
+    """The L1 norm of every gradient the optimizer holds: non-finite when any gradient is (or when they
+    pass float32's range, which no step survives). One fused reduction where torch offers it."""
     grads = [p.grad for group in optimizer.param_groups for p in group['params'] if p.grad is not None]
     if not grads:
         return None
-    return torch.stack([g.detach().abs().amax().float() for g in grads]).amax()
+    total_norm = getattr(torch.nn.utils, 'get_total_norm', None)  # torch >= 2.6
+    if total_norm is not None:
+        return total_norm(grads, norm_type=1.0)
+    return torch.stack([g.detach().abs().sum() for g in grads]).sum()
 
 
 def latest_checkpoint(models_dir: Optional[str], label: str = 'net_g') -> Optional[tuple[int, str]]:
@@ -75,12 +79,12 @@ class NonFiniteGuard:
         return bool(self._events)
 
     def finite(self, loss: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> bool:
-        """One host sync: is ``loss`` finite (and, with ``optimizer``, every gradient it holds)?"""
+        """One host sync: is ``loss`` finite (and, with ``optimizer``, the gradients it holds)?"""
         flag = torch.isfinite(loss.detach()).all()
         if optimizer is not None:
-            largest = _largest_gradient(optimizer)
-            if largest is not None:
-                flag = flag & torch.isfinite(largest)
+            total = gradient_total(optimizer)
+            if total is not None:
+                flag = flag & torch.isfinite(total)
         flag = flag.to(torch.int32)
         if self.distributed and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)

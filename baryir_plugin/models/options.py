@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from baryir_plugin.errors import OptionError, did_you_mean
 
@@ -120,8 +120,23 @@ def _mapping(name: str, value: Any) -> Mapping:
 
 
 # --------------------------------------------------------------------------------------------------
+class _Section:
+    """What the option checks need of a section's dataclass: the keys it reads."""
+
+    BASICSR_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def known_keys(cls) -> frozenset:
+        """Every key of the section that the model reads: its own fields and BasicSR's keys."""
+        return frozenset(cls.field_names()) | frozenset(cls.BASICSR_KEYS)
+
+
 @dataclass(frozen=True)
-class BaryIRTrainOptions:
+class BaryIRTrainOptions(_Section):
     """BaryIRModel's ``train`` options (defaults = the reference); see the README for what each does.
 
     ``optim_*`` and ``*_opt`` hold the sections as written (with the default section where the key is
@@ -154,14 +169,7 @@ class BaryIRTrainOptions:
     _LOSS_DEFAULTS = {'mwb_opt': 'MWBLoss', 'potential_opt': 'PotentialLoss', 'irc_opt': 'IRCLoss',
                       'bro_opt': 'BROLoss'}
 
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def known_keys(cls) -> frozenset:
-        """Every ``train`` key BaryIRModel reads: its own fields and BasicSR's keys."""
-        return frozenset(cls.field_names()) | frozenset(BASICSR_TRAIN_KEYS)
+    BASICSR_KEYS = BASICSR_TRAIN_KEYS
 
     @classmethod
     def from_opt(cls, train_opt: Optional[Mapping], owner: str = 'BaryIRModel') -> 'BaryIRTrainOptions':
@@ -218,7 +226,7 @@ class BaryIRTrainOptions:
 
 
 @dataclass(frozen=True)
-class BaryIRValOptions:
+class BaryIRValOptions(_Section):
     """BaryIRModel's ``val`` options (BaryIRValidation.nondist_validation documents what each does).
 
     ``report`` defaults to on in test and off in training; ``average`` is None (the default: true when
@@ -233,14 +241,7 @@ class BaryIRValOptions:
     average: Union[None, bool, tuple[str, ...]] = None
     suffix: Optional[str] = None
 
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def known_keys(cls) -> frozenset:
-        """Every ``val`` key BaryIRModel or BasicSR's pipelines read."""
-        return frozenset(cls.field_names()) | frozenset(BASICSR_VAL_KEYS)
+    BASICSR_KEYS = BASICSR_VAL_KEYS
 
     @classmethod
     def from_opt(cls, val_opt: Optional[Mapping], is_train: bool,
