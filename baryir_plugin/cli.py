@@ -73,6 +73,9 @@ def _check_opt_file(kind: str, argv: Sequence[str]) -> str:
     known, _ = pre.parse_known_args(argv)
     if known.opt is None:
         raise UsageError(f'the option file is missing; usage: basicsr {kind} -opt FILE.yml')
+    if os.path.exists(known.opt) and not os.path.isfile(known.opt):
+        raise UsageError(f'-opt {known.opt!r} is not a regular file (a folder, a pipe or a device); give the YAML '
+                         'option file.')
     if not os.path.isfile(known.opt):
         raise UsageError(f'-opt {known.opt!r}: no such file (paths are relative to {os.getcwd()}).')
     return known.opt
@@ -232,6 +235,13 @@ def _convert_official(args: argparse.Namespace) -> int:
         if os.path.exists(args.input) and os.path.exists(out) and os.path.samefile(args.input, out):
             raise UsageError(f'the output {out} is the input checkpoint; write the converted file elsewhere (the '
                              'release file is kept as it is).')
+    if len(outputs) == 2 and os.path.abspath(outputs[0]) == os.path.abspath(outputs[1]):
+        raise UsageError(f'--potentials-out {outputs[1]} is the network_g output too; give the potentials a file '
+                         'of their own (or --no-potentials).')
+    existing = [out for out in outputs if os.path.exists(out)]
+    if existing and not args.overwrite:
+        raise UsageError(f'{", ".join(existing)} exist(s) already; pass --overwrite to replace, or choose another '
+                         'output.')
     net_g, net_potential = convert_official(args.input)
     if args.no_potentials:
         net_potential = None
@@ -264,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument('--potentials-out', default=None,
                       help='output .pth for the potentials (default: OUTPUT with _potential before the suffix)')
     conv.add_argument('--no-potentials', action='store_true', help='do not write the potentials')
+    conv.add_argument('--overwrite', action='store_true', help='replace output files that exist')
     conv.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
                       help='show the traceback of an error (also: BARYIR_DEBUG=1)')
     conv.set_defaults(func=_convert_official)

@@ -584,8 +584,26 @@ def _save_training_state(self, epoch, current_iter):
     return _ORIGINAL['save_training_state'](self, epoch, current_iter)
 
 
+def _resume_training(self, resume_state):
+    """BaseModel.resume_training, with a state written by another model (other optimizers or schedulers)
+    one CheckpointError instead of BasicSR's assert."""
+    from .errors import CheckpointError
+
+    for key, have in (('optimizers', self.optimizers), ('schedulers', self.schedulers)):
+        saved = resume_state.get(key)
+        if not isinstance(saved, list) or len(saved) != len(have):
+            count = len(saved) if isinstance(saved, list) else 'no'
+            raise CheckpointError(f'resume: the training state holds {count} {key}, this {type(self).__name__} has '
+                                  f'{len(have)}; it was written by another model_type or optimizer set-up. Resume with '
+                                  'the options it was trained with.')
+    return _ORIGINAL['resume_training'](self, resume_state)
+
+
 def _patch_checkpoints() -> None:
     from basicsr.models.base_model import BaseModel
+    if 'resume_training' not in _ORIGINAL:
+        _ORIGINAL['resume_training'] = BaseModel.resume_training
+    BaseModel.resume_training = _resume_training
     if 'save_network' not in _ORIGINAL:
         _ORIGINAL['save_network'] = BaseModel.save_network
         _ORIGINAL['save_training_state'] = BaseModel.save_training_state

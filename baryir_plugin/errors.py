@@ -168,13 +168,27 @@ def report(prog: str, exc: BaseException, debug: bool = False, aliases: Optional
     return getattr(exc, 'exit_code', 1)
 
 
+class Terminated(BaseException):
+    """SIGTERM, as an exception: the run stops at once, and says so in one line."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run_guarded(prog: str, work: Callable[[], Optional[int]], debug: bool = False,
                 aliases: Optional[dict] = None) -> int:
     """Run ``work()`` behind the error boundary; returns its exit status (0 for None).
 
     ``SystemExit`` passes through (argparse's usage errors keep their status 2), Ctrl-C ends with
-    status 130 and one line.
+    status 130 and one line, SIGTERM with 143 and one line.
     """
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         status = work()
         return 0 if status is None else int(status)
@@ -184,8 +198,15 @@ def run_guarded(prog: str, work: Callable[[], Optional[int]], debug: bool = Fals
         sys.stdout.flush()
         print(f'{prog}: interrupted.', file=sys.stderr)
         return 130
+    except Terminated:
+        sys.stdout.flush()
+        print(f'{prog}: terminated (SIGTERM).', file=sys.stderr)
+        return 143
     except BaseException as exc:  # noqa: BLE001 (this is the boundary)
         return report(prog, exc, debug=debug or debug_requested(), aliases=aliases)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def guarded_main(prog: str, main: Callable[[Optional[list]], Optional[int]],

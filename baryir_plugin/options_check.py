@@ -587,8 +587,9 @@ class _Checker:
                 if key != 'resume_state' and value and self.check_files and not resuming \
                         and not os.path.isfile(value):
                     where = 'a folder' if os.path.isdir(value) else 'no file'
+                    fix = ', or write ~ to start from random weights' if self.opt.get('is_train', True) else ''
                     raise OptionError(f'path.{key}: {where} at {value!r} (relative paths are relative to '
-                                      f'{os.getcwd()}); fix the path, or write ~ to start from random weights.')
+                                      f'{os.getcwd()}); fix the path{fix}.')
             elif key.startswith('strict_load_'):
                 if value is not None and not isinstance(value, bool):
                     raise OptionError(f'path.{key} must be true or false, got {_show(value)}.')
@@ -734,6 +735,10 @@ def check_option_file(raw: Any, opt_path: str, is_train: Optional[bool] = None) 
     if not (isinstance(raw['name'], str) and raw['name'].strip()):
         raise OptionError(f'{opt_path}: name must be a non-empty string (the run\'s folder name), got '
                           f'{_show(raw["name"])}.')
+    if raw['name'].strip() in ('.', '..') or any(sep in raw['name'] for sep in ('/', '\\', os.sep)):
+        raise OptionError(f'{opt_path}: name {raw["name"]!r} must be a plain folder name (no / or \\, not . or ..): '
+                          'the run lives in experiments/<name> (results/<name> for basicsr test), and BasicSR '
+                          'archives an existing folder of that name; choose a name like my_run_x4.')
     if not isinstance(raw['model_type'], str):
         raise OptionError(f'{opt_path}: model_type must be a model name (e.g. BaryIRModel), got '
                           f'{_show(raw["model_type"])}.')

@@ -377,3 +377,24 @@ def test_testing_without_weights_is_an_error(workdir):
     path.write_text(yaml.safe_dump(opt))
     outcome = run_inprocess(cli.basicsr_main, ['test', '-opt', str(path)], cwd=workdir)
     assert_clean_error(outcome, 'basicsr test', 'untrained.yml', 'path.pretrain_network_g is not set')
+
+
+def test_convert_official_outputs_never_overwrite_silently(tmp_path):
+    src = _plain(tmp_path)
+    existing = tmp_path / 'mine.pth'
+    existing.write_bytes(b'my file')
+    outcome = run_inprocess(cli.main, ['convert-official', str(src), str(existing)])
+    assert_clean_error(outcome, CONVERT, str(existing), '--overwrite', status=2)
+    assert existing.read_bytes() == b'my file'
+    out = tmp_path / 'o.pth'
+    outcome = run_inprocess(cli.main, ['convert-official', str(src), str(out), '--potentials-out', str(out)])
+    assert_clean_error(outcome, CONVERT, '--potentials-out', 'network_g output too', status=2)
+
+
+def test_a_state_of_another_model_is_named_on_resume(tmp_path):
+    from basicsr.models.sr_model import SRModel
+
+    model = SRModel.__new__(SRModel)
+    model.optimizers, model.schedulers = [object()], [object()]
+    with pytest.raises(CheckpointError, match='holds 2 optimizers, this SRModel has 1'):
+        model.resume_training({'optimizers': [{}, {}], 'schedulers': [{}]})

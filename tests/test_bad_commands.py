@@ -230,3 +230,28 @@ def test_an_lmdb_error_is_one_line():
         lmdb.open('no/such/set.lmdb', readonly=True, lock=False)
     except lmdb.Error as e:
         assert 'no/such/set.lmdb' in user_message(e) and 'make_lmdb.py' in user_message(e)
+
+
+def test_sigterm_is_one_line_and_status_143(monkeypatch):
+    import os
+    import signal
+
+    def work(kind, argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, 'run_pipeline', work)
+    outcome = run_inprocess(cli.basicsr_main, ['train', '-opt', 'x.yml'])
+    assert outcome.status == 143 and outcome.err.strip() == f'{TRAIN}: terminated (SIGTERM).'
+
+
+def test_a_name_that_is_a_path_is_refused(workdir):
+    for name in ('../victim', '..', 'a/b'):
+        outcome = run_inprocess(cli.basicsr_main, ['train', '-opt', _model_opt(workdir, lambda o: o.update(name=name))],
+                                cwd=workdir)
+        assert_clean_error(outcome, TRAIN, f'name {name!r} must be a plain folder name')
+    assert not (workdir.parent / 'victim').exists()
+
+
+def test_an_option_file_that_is_not_a_regular_file(tmp_path):
+    outcome = run_inprocess(cli.basicsr_main, ['train', '-opt', str(tmp_path)], cwd=tmp_path)
+    assert_clean_error(outcome, TRAIN, 'is not a regular file', status=2)

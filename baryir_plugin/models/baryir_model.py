@@ -459,11 +459,6 @@ class BaryIRModel(BaryIRValidation, SRModel):
             get_root_logger().warning(f'resume: the training state was written with manual_seed {seed}, this run has '
                                       f'{self.opt.get("manual_seed")}; the training samples after the resume will '
                                       'differ from an uninterrupted run. Set manual_seed to the saved value.')
-        for key, have in (('optimizers', self.optimizers), ('schedulers', self.schedulers)):
-            if len(resume_state[key]) != len(have):
-                raise CheckpointError(f'resume: the training state holds {len(resume_state[key])} {key}, this model '
-                                      f'has {len(have)}; it was written by another model_type or optimizer set-up. '
-                                      'Resume with the options it was trained with.')
         try:
             super().resume_training(resume_state)
         except (ValueError, KeyError) as e:
