@@ -30,7 +30,7 @@ from baryir_plugin.errors import CheckpointError
 _TEMP_FILE = re.compile(r'^\.(?P<name>.+\.(?:pth|state|json|csv))\.[a-z0-9_]{8}\.tmp$')
 
 
-def _why_unreadable(exc: BaseException) -> str:
+def why_unreadable(exc: BaseException) -> str:
     text = str(exc)
     if any(s in text for s in ('Unsupported global', 'Unsupported class', 'unsupported GLOBAL')):
         return ('it holds pickled objects, not only tensors (an official release checkpoint? convert it with '
@@ -60,7 +60,7 @@ def read_checkpoint(path: str, what: str = 'checkpoint', map_location='cpu', all
             return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError,
             AttributeError, ImportError, TypeError, IndexError, OverflowError, UnicodeDecodeError) as e:
-        raise CheckpointError(f'{what} {path} cannot be read: {_why_unreadable(e)}.') from e
+        raise CheckpointError(f'{what} {path} cannot be read: {why_unreadable(e)}.') from e
 
 
 def read_training_state(path: str, map_location='cpu', what: str = 'training state') -> dict:

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import OptionError
+from .errors import CheckpointError, OptionError, SetupError, TrainingError, UsageError
 
 _APPLIED: list[str] = []
 _ORIGINAL: dict[str, Callable] = {}  # BasicSR's methods that a patch wraps
@@ -144,7 +144,6 @@ def _load_resume_state(opt: dict):
 
     from .checkpoints import find_resume_point, network_files, read_training_state, remove_interrupted_saves, \
         set_aside, set_files
-    from .errors import CheckpointError
 
     _prepare_train_data(opt)
     paths = opt['path']
@@ -177,7 +176,6 @@ def _load_resume_state(opt: dict):
                                   'wrote the state, or copy its net_*_<iter>.pth there.')
     total = (opt.get('train') or {}).get('total_iter')
     if isinstance(total, int) and int(state['iter']) >= total:
-        from .errors import OptionError
         raise OptionError(f'the training state is at iteration {state["iter"]} and train.total_iter is {total}: '
                           'nothing is left to train. Raise train.total_iter (e.g. --force_yml train:total_iter='
                           f'{int(state["iter"]) * 2}) or start a new experiment.')
@@ -222,7 +220,6 @@ def _init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
     if launcher == 'pytorch':
         missing = [v for v in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if v not in os.environ]
         if missing:
-            from .errors import UsageError
             raise UsageError(f'--launcher pytorch needs the variables torchrun sets ({", ".join(missing)} missing); '
                              'start with `torchrun --nproc_per_node=N -m baryir_plugin train -opt FILE.yml --launcher '
                              'pytorch`, or drop --launcher for one process.')
@@ -231,12 +228,10 @@ def _init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
         dist.init_process_group(backend=backend, **kwargs)
     elif launcher == 'slurm':
         if backend != 'nccl':
-            from .errors import SetupError
             raise SetupError(f'--launcher slurm sets a CUDA device per task and needs NCCL (backend was {backend!r}); '
                              'on CPU use torchrun with --launcher pytorch.')
         dist_util._init_dist_slurm(backend, **kwargs)
     else:
-        from .errors import UsageError
         raise UsageError(f'--launcher: unknown launcher {launcher!r}; use none, pytorch or slurm.')
 
 
@@ -511,7 +506,6 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
     from basicsr.utils import get_root_logger
 
     from .checkpoints import read_checkpoint
-    from .errors import CheckpointError
 
     bare = self.get_bare_model(net)
     option = next((f'path.{k}' for k, v in (self.opt.get('path') or {}).items()
@@ -570,7 +564,6 @@ def _save_network(self, net, net_label, current_iter, param_key='params'):
         get_root_logger().error(f'Not saving {name}: {bad} weight tensor(s) of it hold NaN/inf (the training '
                                 'diverged); the previous checkpoints are kept.')
         if current_iter == -1:  # the end of training: its result was refused, so the run did not succeed
-            from .errors import TrainingError
             raise TrainingError(f'training ended, but {name} was not saved: its weights hold NaN/inf (the training '
                                 'diverged). Lower the learning rate (train.optim_*.lr) or check the data for extreme '
                                 'values, and resume from the last checkpoint in the models folder.')
@@ -587,7 +580,6 @@ def _save_training_state(self, epoch, current_iter):
 def _resume_training(self, resume_state):
     """BaseModel.resume_training, with a state written by another model (other optimizers or schedulers)
     one CheckpointError instead of BasicSR's assert."""
-    from .errors import CheckpointError
 
     for key, have in (('optimizers', self.optimizers), ('schedulers', self.schedulers)):
         saved = resume_state.get(key)

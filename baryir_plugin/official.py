@@ -100,8 +100,8 @@ def load_official(path: str) -> dict:
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f'{path}: {e}') from None
     except Exception as e:  # noqa: BLE001 (every way a file can fail to unpickle: truncated, not torch, ...)
-        from baryir_plugin.checkpoints import _why_unreadable
-        raise CheckpointError(f'official checkpoint {path} cannot be read: {_why_unreadable(e)}.') from e
+        from baryir_plugin.checkpoints import why_unreadable
+        raise CheckpointError(f'official checkpoint {path} cannot be read: {why_unreadable(e)}.') from e
     if not isinstance(ckpt, dict) or 'BaryIR' not in ckpt:
         keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not an official BaryIR release file (expected a dict with 'BaryIR' and 'Pots', "

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from baryir_plugin.errors import OptionError, TrainingError
 
-NONFINITE_POLICIES = ('skip', 'stop', 'ignore')
+from .options import NONFINITE_POLICIES
+
 
 
 def gradient_total(optimizer: torch.optim.Optimizer) -> Optional[torch.Tensor]:
