@@ -33,8 +33,15 @@ setup(
         'einops',
         'pyyaml',
         'numpy',
+        'tqdm',    # baryir infer's progress bars
+        'Pillow',  # baryir infer: the EXIF orientation of photos
     ],
-    extras_require={'test': ['pytest', 'pypiqe']},  # pypiqe: reference PIQE for tests/test_metrics_quality.py
+    extras_require={
+        'figures': ['matplotlib', 'scikit-learn'],        # baryir figures (plots, t-SNE, silhouette scores)
+        'export': ['onnx', 'onnxruntime', 'safetensors'],  # baryir export-onnx (and its parity check), -safetensors
+        # pypiqe: reference PIQE for tests/test_metrics_quality.py
+        'test': ['pytest', 'pypiqe', 'matplotlib', 'scikit-learn', 'onnx', 'onnxruntime', 'safetensors'],
+    },
     entry_points={
         'console_scripts': [
             'baryir = baryir_plugin.cli:main',

@@ -26,6 +26,9 @@ import torch
 
 from baryir_plugin.errors import CheckpointError
 
+# Where a BasicSR .pth written by this package keeps the options of the network beside its weights
+# ({'params': ..., 'baryir_config': {'type': 'BaryIR', ...}}): enough to build it without an option file.
+NETWORK_OPTIONS_KEY = 'baryir_config'
 # compat.atomic_write's temporary files: tempfile.mkstemp(prefix='.' + name + '.', suffix='.tmp')
 _TEMP_FILE = re.compile(r'^\.(?P<name>.+\.(?:pth|state|json|csv))\.[a-z0-9_]{8}\.tmp$')
 
@@ -61,6 +64,17 @@ def read_checkpoint(path: str, what: str = 'checkpoint', map_location='cpu', all
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError,
             AttributeError, ImportError, TypeError, IndexError, OverflowError, UnicodeDecodeError) as e:
         raise CheckpointError(f'{what} {path} cannot be read: {why_unreadable(e)}.') from e
+
+
+def check_network_file(obj: object, label: str, path: str, state_fix: str) -> dict:
+    """A loaded network file (a dict of entries such as 'params'); a CheckpointError naming ``label`` and
+    ``path`` when it is something else, a training state among them (``state_fix``: what to give instead)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{label} {path} holds a {type(obj).__name__}, not network weights; save '
+                              '{"params": net.state_dict()}.')
+    if {'iter', 'optimizers'} <= set(obj):
+        raise CheckpointError(f'{label} {path} is a training state (.state), not network weights; {state_fix}.')
+    return obj
 
 
 def read_training_state(path: str, map_location='cpu', what: str = 'training state') -> dict:

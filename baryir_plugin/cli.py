@@ -16,6 +16,7 @@ Multi-process: ``torchrun --standalone --nproc_per_node=N -m baryir_plugin train
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -25,6 +26,10 @@ from typing import Optional, Sequence
 from baryir_plugin.errors import OptionError, SetupError, UsageError, debug_requested, run_guarded
 
 PLUGIN_GROUP = 'basicsr.plugins'
+# `baryir <command>` beyond the pipelines and convert-official: each module's add_command(subparsers)
+# adds its parser (with set_defaults(func=run), run(args) -> exit status)
+COMMAND_MODULES = ('baryir_plugin.inference.infer', 'baryir_plugin.inference.export',
+                   'baryir_plugin.analysis.complexity', 'baryir_plugin.analysis.figures')
 PIPELINES = ('train', 'test')
 DATA_ROOT_PLACEHOLDER = '${data_root}'
 DATA_ROOT_ENV = 'BARYIR_DATA_ROOT'
@@ -261,8 +266,16 @@ def _convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """A subcommand's ``--debug`` (the top-level flag keeps its value when the subcommand's is absent)."""
+    parser.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                        help='show the traceback of an error (also: BARYIR_DEBUG=1)')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='baryir', description='BaryIR for BasicSR.')
+    from baryir_plugin.data.checks import ToolParser
+
+    parser = ToolParser(prog='baryir', description='BaryIR for BasicSR.')
     parser.add_argument('--version', action='store_true', help='print versions and exit')
     parser.add_argument('--debug', action='store_true', help='show the traceback of an error (also: BARYIR_DEBUG=1)')
     sub = parser.add_subparsers(dest='command')
@@ -275,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help='output .pth for the potentials (default: OUTPUT with _potential before the suffix)')
     conv.add_argument('--no-potentials', action='store_true', help='do not write the potentials')
     conv.add_argument('--overwrite', action='store_true', help='replace output files that exist')
-    conv.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
-                      help='show the traceback of an error (also: BARYIR_DEBUG=1)')
+    add_debug_flag(conv)
     conv.set_defaults(func=_convert_official)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_command(sub)
     return parser
 
 
@@ -287,7 +301,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] in PIPELINES:
         return guarded_pipeline(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    parsed = []
+    commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    command = next((a for a in argv if not a.startswith('-')), None)
+    prog = f'baryir {command}' if command in commands else 'baryir'  # a flag's error names its command
+    status = run_guarded(prog, lambda: parsed.append(parser.parse_args(argv)), debug=debug_requested(argv))
+    if status:
+        return status
+    args = parsed[0]
     if args.version:
         return basicsr_main(['--version'])
     if args.command is None:

@@ -52,11 +52,13 @@ Set ``BARYIR_COMPAT_SKIP=name1,name2`` to leave named patches out (for reproduci
 from __future__ import annotations
 
 import collections
+import copy
 import importlib
 import logging
 import os
 import sys
 import tempfile
+import time
 import types
 from typing import Callable
 
@@ -505,7 +507,7 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
     CheckpointError naming the file and the fix."""
     from basicsr.utils import get_root_logger
 
-    from .checkpoints import read_checkpoint
+    from .checkpoints import check_network_file, read_checkpoint
 
     bare = self.get_bare_model(net)
     option = next((f'path.{k}' for k, v in (self.opt.get('path') or {}).items()
@@ -513,12 +515,8 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
     label = f'{option} ({type(bare).__name__})' if option else f'the {type(bare).__name__} checkpoint'
     load_net = read_checkpoint(load_path, label)
     if param_key is not None:
-        if not isinstance(load_net, dict):
-            raise CheckpointError(f'{label} {load_path} holds a {type(load_net).__name__}, not a '
-                                  'dict of weights; save {"params": net.state_dict()}.')
-        if {'iter', 'optimizers'} <= set(load_net):
-            raise CheckpointError(f'{label} {load_path} is a training state (.state), not network weights; give it '
-                                  'as path.resume_state, or give the models/net_*_<iter>.pth saved with it.')
+        check_network_file(load_net, label, load_path, 'give it as path.resume_state, or give the '
+                           'models/net_*_<iter>.pth saved with it')
         if param_key not in load_net and 'params' in load_net:
             get_root_logger().warning(f'{label} {load_path} has no {param_key!r} weights (was it trained without '
                                       "EMA?); loading 'params' instead.")
@@ -549,12 +547,15 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
                               f'{fix}.') from None
 
 
+SAVE_ATTEMPTS, SAVE_RETRY_S = 3, 1.0  # a network file that cannot be written (BasicSR's own retry count)
+
+
 def _save_network(self, net, net_label, current_iter, param_key='params'):
-    """BaseModel.save_network that refuses weights holding NaN/inf: the previous checkpoint is kept, and the
+    """BaseModel.save_network that writes the network options beside the weights and refuses weights holding NaN/inf: the previous checkpoint is kept, and the
     training state of this iteration is not written either (a resume then falls back to a complete set)."""
     from basicsr.utils import get_root_logger
 
-    from .checkpoints import nonfinite_tensors
+    from .checkpoints import NETWORK_OPTIONS_KEY, nonfinite_tensors
 
     nets = net if isinstance(net, list) else [net]
     bad = nonfinite_tensors(t for n in nets for t in self.get_bare_model(n).state_dict().values())
@@ -568,7 +569,29 @@ def _save_network(self, net, net_label, current_iter, param_key='params'):
                                 'diverged). Lower the learning rate (train.optim_*.lr) or check the data for extreme '
                                 'values, and resume from the last checkpoint in the models folder.')
         return
-    return _ORIGINAL['save_network'](self, net, net_label, current_iter, param_key)
+    keys = param_key if isinstance(param_key, list) else [param_key]
+    if len(keys) != len(nets):
+        raise ValueError(f'save_network: {len(nets)} network(s) but {len(keys)} param_key(s).')
+    save_dict = {}
+    for net_, key in zip(nets, keys):
+        state = self.get_bare_model(net_).state_dict()
+        save_dict[key] = collections.OrderedDict((k[7:] if k.startswith('module.') else k, v.detach().cpu())
+                                                 for k, v in state.items())
+    options = self.opt.get(f'network_{net_label[len("net_"):]}') if net_label.startswith('net_') else None
+    if isinstance(options, dict) and options.get('type'):
+        # the network's options beside its weights: `baryir infer` and friends need no option file
+        save_dict[NETWORK_OPTIONS_KEY] = copy.deepcopy(dict(options))
+    name = f'{net_label}_{"latest" if current_iter == -1 else current_iter}.pth'
+    path = os.path.join(self.opt['path']['models'], name)
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            atomic_torch_save(save_dict, path)  # a failed try leaves the previous file as it was
+            return
+        except OSError as e:
+            if attempt == SAVE_ATTEMPTS:
+                raise  # BasicSR would log and go on training without its checkpoint; the error names the file
+            get_root_logger().warning(f'Could not save {path} ({e}); trying again ({attempt}/{SAVE_ATTEMPTS}).')
+            time.sleep(SAVE_RETRY_S)
 
 
 def _save_training_state(self, epoch, current_iter):

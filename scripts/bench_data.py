@@ -28,8 +28,6 @@ import tempfile
 import time
 
 PROG = 'scripts/bench_data.py'
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, SCRIPTS)
 
 PAIRED = ('rain', 'haze', 'blur', 'lowlight')
 SMALLEST_PHOTO_SIDE = 300  # skimage's chelsea, the smallest of the demo's training photos
@@ -52,11 +50,11 @@ def dataset_options(root: str, crop: int, batch: int, workers: int, persistent: 
 
 
 def build_demo(root: str, tile: int) -> None:
-    import make_demo_data
+    from baryir_plugin.data import demo
 
     # the demo preset with larger tiles, so that a training crop has room to move
-    make_demo_data.PRESETS['bench'] = {**make_demo_data.PRESETS['demo'], 'train_size': tile}
-    make_demo_data.build(root, preset='bench')
+    demo.PRESETS['bench'] = {**demo.PRESETS['demo'], 'train_size': tile}
+    demo.build(root, preset='bench')
 
 
 def _split(n: int, parts: int) -> list[range]:

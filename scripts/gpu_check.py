@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""One-command GPU check: parity, step time and memory per training mode, kernel shares, DDP, bf16 losses.
+"""One-command GPU check: parity, step time and memory per training mode, kernel shares, DDP, bf16 losses,
+inference.
 
 Prints one table (a line per result) and writes gpu_check.json; designed to finish in under 8 minutes on
 one GPU (``--budget-s`` caps the step-time table; later rows are marked skipped). Checks:
@@ -12,6 +13,8 @@ one GPU (``--budget-s`` caps the step-time table; later rows are marked skipped)
   bf16     bf16 vs float32 losses over 100 iterations from the same weights and batches
   demo     the demo recipe, 1,000 iterations, in float32, bf16 and fp16: final validation averages, their
            mean over --demo-seeds within 0.1 dB of float32's
+  infer    `baryir infer`'s restoration of a 2048 x 2048 image, default BaryIR: whole, exact 512-pixel
+           tiles and bf16: seconds per megapixel, peak memory, difference from whole
 
     python scripts/gpu_check.py --out gpu_check_out --fixture ../shared/fixtures/reference_small
     python scripts/gpu_check.py --device cpu --quick      # the script's own self-test, tiny network, CPU
@@ -23,7 +26,7 @@ import sys
 from pathlib import Path
 
 PROG = 'scripts/gpu_check.py'
-CHECKS = ('parity', 'steps', 'kernels', 'ddp', 'bf16', 'demo')
+CHECKS = ('parity', 'steps', 'kernels', 'ddp', 'bf16', 'demo', 'infer')
 
 
 def parse_args(argv=None):

@@ -30,10 +30,14 @@ if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[install] $TORCH_PIN"
   "${PIP[@]}" $TORCH_PIN
 fi
-if ! "$PY" -c "import basicsr, mmengine, einops, lmdb, cv2, yaml, pytest, pypiqe" >/dev/null 2>&1; then
+if ! "$PY" -c "import basicsr, mmengine, einops, lmdb, cv2, yaml, tqdm, PIL, pytest, pypiqe" >/dev/null 2>&1; then
   echo "[install] basicsr==1.4.2 (no build isolation) and the other dependencies"
   # pypiqe is test-only: the independent PIQE implementation tests/test_metrics_quality.py compares against
-  "${PIP[@]}" --no-build-isolation basicsr==1.4.2 mmengine einops lmdb opencv-python pyyaml pytest pypiqe
+  "${PIP[@]}" --no-build-isolation basicsr==1.4.2 mmengine einops lmdb opencv-python pyyaml tqdm Pillow pytest pypiqe
+fi
+if ! "$PY" -c "import matplotlib, sklearn, onnx, onnxruntime, safetensors" >/dev/null 2>&1; then
+  echo "[install] figures and export: matplotlib, scikit-learn, onnx, onnxruntime, safetensors"
+  "${PIP[@]}" matplotlib scikit-learn onnx onnxruntime safetensors
 fi
 echo "[install] baryir-plugin (editable)"
 "${PIP[@]}" --no-build-isolation --no-deps -e .

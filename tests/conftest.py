@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import baryir_plugin  # noqa: F401  (must precede any basicsr import)
+from baryir_plugin.data import demo
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = REPO / 'tests' / 'options'
@@ -43,7 +44,7 @@ def load_script(name: str):
 def tiny_dataset(tmp_path_factory) -> Path:
     """The tiny paired set (folders + LMDB twins) under <tmp>/datasets/tiny, built once per session."""
     root = tmp_path_factory.mktemp('tiny_data')
-    load_script('make_demo_data').build(str(root / 'datasets' / 'tiny'), preset='tiny', lmdb=True)
+    demo.build(str(root / 'datasets' / 'tiny'), preset='tiny', lmdb=True)
     return root / 'datasets' / 'tiny'
 
 
@@ -92,3 +93,27 @@ def run(cmd: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
         pytest.fail(f'{" ".join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}'
                     f'\n--- stderr ---\n{proc.stderr[-6000:]}')
     return proc
+
+
+# the demo network (options/train_baryir_demo.yml's network_g)
+DEMO_NETWORK = {'type': 'BaryIR', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
+                'heads': [1, 2, 4, 8], 'num_bary_blocks': 1}
+
+
+@pytest.fixture(scope='session')
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """A net_g file of the demo network as training writes it ({'params', 'baryir_config'}), seeded weights
+    with the output layer scaled up so that the network visibly changes its input."""
+    import torch
+
+    import baryir_plugin  # noqa: F401
+    from baryir_plugin.archs import BaryIR
+    from baryir_plugin.checkpoints import NETWORK_OPTIONS_KEY
+
+    torch.manual_seed(0)
+    net = BaryIR(**{k: v for k, v in DEMO_NETWORK.items() if k != 'type'})
+    with torch.no_grad():
+        net.output.weight.mul_(4)
+    path = tmp_path_factory.mktemp('demo_checkpoint') / 'net_g_demo.pth'
+    torch.save({'params': net.state_dict(), NETWORK_OPTIONS_KEY: dict(DEMO_NETWORK)}, path)
+    return path

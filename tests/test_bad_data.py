@@ -614,7 +614,7 @@ def test_make_demo_data_bad_seed(tmp_path):
 
 def test_make_demo_data_never_deletes_files_it_did_not_write(tmp_path):
     """A demo folder holding a user's notes and weights was replaced wholesale."""
-    demo = load_script('make_demo_data')
+    from baryir_plugin.data import demo
     out = tmp_path / 'demo'
     demo.build(str(out), preset='tiny')
     (out / 'NOTES.txt').write_text('my notes')
@@ -638,7 +638,7 @@ def test_make_demo_data_never_deletes_files_it_did_not_write(tmp_path):
 
 
 def test_make_demo_data_replaces_its_own_output(tmp_path):
-    demo = load_script('make_demo_data')
+    from baryir_plugin.data import demo
     first = demo.build(str(tmp_path / 'demo'), preset='tiny')
     assert demo.build(str(tmp_path / 'demo'), preset='tiny') == first
     assert (tmp_path / 'demo' / demo.MARKER).is_file()

@@ -15,9 +15,10 @@ import yaml
 from basicsr.data import build_dataset
 from basicsr.models import build_model
 
+from baryir_plugin.data import demo
 from baryir_plugin.models import barycenter_weights
 
-from .conftest import OPTIONS, REPO, copy_for_resume, load_script, run
+from .conftest import OPTIONS, REPO, copy_for_resume, run
 
 MODEL_YML = OPTIONS / 'train_baryir_model.yml'
 
@@ -278,7 +279,7 @@ _RANK_DRIVER = textwrap.dedent('''
 
 
 def test_demo_config_under_torchrun_gloo(tmp_path):
-    load_script('make_demo_data').build(str(tmp_path / 'datasets' / 'demo'), preset='demo')
+    demo.build(str(tmp_path / 'datasets' / 'demo'), preset='demo')
     driver, ranks = tmp_path / 'driver.py', tmp_path / 'ranks'
     driver.write_text(_RANK_DRIVER)
     ranks.mkdir()

@@ -1,4 +1,4 @@
-"""scripts/make_demo_data.py: the demo's training tiles at two scales, and validation that does not move."""
+"""The demo data set (baryir_plugin.data.demo): training tiles at two scales, and validation that does not move."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .conftest import load_script
+from baryir_plugin.data import demo
 
 KINDS = ('rain', 'haze', 'blur', 'lowlight')
 
@@ -16,7 +16,6 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_native_tiles_are_crops_at_the_photos_resolution_and_leave_the_rest_unchanged(tmp_path, monkeypatch):
-    demo = load_script('make_demo_data')
     tiny = demo.PRESETS['tiny']
     assert tiny['native_tiles_per_photo'] == 0
     monkeypatch.setitem(demo.PRESETS, 'tiny_native', {**tiny, 'native_tiles_per_photo': 2})

@@ -9,7 +9,9 @@ import sys
 
 import torch
 
-from .conftest import REPO, load_script, shared_path
+from baryir_plugin.data import demo
+
+from .conftest import REPO, shared_path
 
 
 def test_study_trains_both_arms_and_tabulates_real_sets(tmp_path, tiny_dataset):
@@ -57,7 +59,7 @@ def test_study_on_the_demo_validation_sets_needs_no_data_root(tmp_path, tiny_dat
     assert [line.split('|')[1:4] for line in rows] == [[' demo_blur ', ' in ', ' psnr (higher better) '],
                                                        [' demo_blur ', ' in ', ' ssim (higher better) ']]
     summaries = json.loads((tmp_path / 'study_barycenter_map.json').read_text())['summaries']
-    expected_input = load_script('make_demo_data').input_psnr(str(tiny_dataset / 'val' / 'blur'))
+    expected_input = demo.input_psnr(str(tiny_dataset / 'val' / 'blur'))
     for arm in ('with T', 'without T'):
         blur = summaries[arm]['demo_blur']
         assert blur['images'] == 2

@@ -8,7 +8,9 @@ Checks, in order (each one a row group of the table; a failing check is reported
   ddp       ``basicsr train --launcher pytorch`` under torchrun, world size 1 (NCCL on a GPU, gloo on a CPU);
   bf16      bf16 vs float32 losses over the same iterations, batches and initial weights;
   demo      the demo recipe (options/train_baryir_demo.yml, 1,000 iterations) in float32, bf16 and fp16
-            through ``basicsr train``: the final validation average of each.
+            through ``basicsr train``: the final validation average of each;
+  infer     ``baryir infer``'s restoration of a 2048 x 2048 image with the default network: whole, exact
+            streamed tiles and bf16, seconds per megapixel, peak memory, and the tiles' difference from whole.
 
 ``quick`` shrinks every check to a tiny network (the CPU self-test of the script).
 """
@@ -32,7 +34,7 @@ from .train_benchmark import BenchConfig, build_model, random_batches, run_mode
 STEP_MODES = ['base', 'unguarded', 'cl', 'bf16', 'bf16+cl', 'fp16+cl', 'bf16+cl+reuse', 'bf16+cl+reuse+unguarded',
               'ckpt', 'bf16+cl+ckpt', 'bf16+cl+compile', 'bf16+cl+reuse+compile']
 QUICK_MODES = ['base', 'cl', 'bf16+cl+reuse', 'ckpt', 'compile']
-CHECKS = ('parity', 'steps', 'kernels', 'ddp', 'bf16', 'demo')
+CHECKS = ('parity', 'steps', 'kernels', 'ddp', 'bf16', 'demo', 'infer')
 REPO = Path(__file__).resolve().parents[2]
 _CONV = ('conv', 'cudnn', 'implicit_gemm', 'winograd', 'dgrad', 'wgrad', 'fprop', 'mkldnn_convolution')
 _MATMUL = ('gemm', 'matmul', 'bmm', 'cutlass', 'xmma', 'addmm', 'mm_', 'aten::mm')
@@ -282,6 +284,52 @@ def check_demo(device: str, workdir: Path, iters: int = 1000, judge: bool = True
     return rows
 
 
+def check_infer(quick: bool, device: str, side: int = 2048, tile: int = 512) -> list[dict]:
+    """Seconds per megapixel and peak memory of the whole, exact-tiled and bf16 restorations (the Restorer of
+    ``baryir infer``), and the largest difference of the tiles and of bf16 from the whole float32 result."""
+    import numpy as np
+
+    from baryir_plugin.inference.infer import Restorer
+    from baryir_plugin.inference.weights import build_network
+
+    if quick:
+        side, tile = 96, 32
+    options = ({'type': 'BaryIR', 'dim': 8, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
+                'num_bary_blocks': 1} if quick else {'type': 'BaryIR'})
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    net = build_network(options, 'the infer check').eval().requires_grad_(False).to(dev)
+    rgb = np.random.default_rng(0).random((side, side, 3), dtype=np.float32)
+    modes = {'whole': Restorer(net, options, dev, tile=0), f'exact {tile}': Restorer(net, options, dev, tile=tile),
+             'whole bf16': Restorer(net, options, dev, 'bf16', tile=0)}
+    rows, base = [], None
+    for name, restorer in modes.items():
+        restorer.restore(rgb[:64, :64])  # warm-up
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        try:
+            out = restorer.restore(rgb)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append({'check': 'infer', 'mode': name, 'ok': None, 'note': f'out of memory at {side}x{side}'})
+            continue
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
+        row = {'check': 'infer', 'mode': name, 'size': f'{side}x{side}', 's_per_mp': seconds / (side * side / 1e6)}
+        if dev.type == 'cuda':
+            row['peak_gib'] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        if base is None:
+            base = out
+        else:
+            row['max_abs_diff'] = float(np.abs(out - base).max())
+            row['ok'] = row['max_abs_diff'] < (1e-3 if 'exact' in name else 0.1)
+        rows.append(row)
+    return rows
+
+
 def _format(rows: list[dict]) -> str:
     lines = []
     for r in rows:
@@ -319,6 +367,8 @@ def run(checks=CHECKS, quick: bool = False, device: str = 'cuda', out_dir: Optio
                     rows = check_bf16(quick, device, iters=5 if quick else 100)
                 elif name == 'demo':
                     rows = check_demo(device, Path(tmp), iters=4 if quick else 1000, judge=not quick, seeds=demo_seeds)
+                elif name == 'infer':
+                    rows = check_infer(quick, device)
                 else:
                     raise ValueError(f'unknown check {name!r}; checks: {CHECKS}')
             except Exception as e:  # noqa: BLE001 (one failing check must not hide the others' results)

@@ -22,7 +22,7 @@ from .restormer_blocks import Downsample, LayerNorm2d, Upsample, conv1x1, transf
 
 EMBEDDING_MODES = ('barycenter+residual', 'original', 'barycenter', 'original+residual')
 ZERO_FEATURES = (None, 'barycenter', 'residual')
-_MULTIPLE = 8  # three 2x downsamplings
+PAD_MULTIPLE = 8  # three 2x downsamplings
 
 
 class ResidualDecoder(nn.Module):
@@ -177,12 +177,24 @@ class BaryIR(nn.Module):
     @staticmethod
     def _pad(x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        ph, pw = -h % _MULTIPLE, -w % _MULTIPLE
+        ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
         if ph == 0 and pw == 0:
             return x
         # Reflection needs the pad to be smaller than the side; tiny images fall back to replication.
         mode = 'reflect' if ph < h and pw < w else 'replicate'
         return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+    def decoder_inputs(self, z: torch.Tensor, z_bary: Optional[torch.Tensor], residual: Optional[torch.Tensor]):
+        """``(fusion input, residual features)`` per the embedding mode and the test-time ablation: the
+        primary embedding (zB or z) [concatenated with s: (B, 16d, H/8, W/8)], and s for the residual
+        decoder (None without one)."""
+        primary = z_bary if self.embedding_mode.startswith('barycenter') else z
+        if self.zero_features == 'barycenter':
+            primary = torch.zeros_like(primary)
+        if not self.uses_residual:
+            return primary, None
+        res_feat = torch.zeros_like(residual) if self.zero_features == 'residual' else residual
+        return torch.cat([primary, res_feat], dim=1), res_feat
 
     def forward(self, x: torch.Tensor, return_latents: bool = False):
         self._check_input(x)
@@ -199,15 +211,7 @@ class BaryIR(nn.Module):
             z_bary = self.latent_norm(self.bary_map(z))
             residual = z - z_bary
 
-        primary = z_bary if self.embedding_mode.startswith('barycenter') else z
-        if self.zero_features == 'barycenter':
-            primary = torch.zeros_like(primary)
-        res_feat = None
-        if self.uses_residual:
-            res_feat = torch.zeros_like(residual) if self.zero_features == 'residual' else residual
-            fused_in = torch.cat([primary, res_feat], dim=1)  # (B, 16d, H/8, W/8)
-        else:
-            fused_in = primary
+        fused_in, res_feat = self.decoder_inputs(z, z_bary, residual)
         dec = self.up3(self.fuse_proj(self.fuse_block(fused_in)))  # (B, 2d, H/4, W/4)
 
         skip3, skip2, skip1 = enc3, enc2, enc1

@@ -40,7 +40,8 @@ def fp32_regions() -> tuple[str, ...]:
 
 def in_fp32(region: str, x: torch.Tensor) -> bool:
     """True when ``region`` must run in float32 for ``x``: autocast is on for its device and the region is kept."""
-    return region in _kept and torch.is_autocast_enabled(x.device.type)
+    # the meta device (shape and memory planning) has no autocast
+    return region in _kept and x.device.type != 'meta' and torch.is_autocast_enabled(x.device.type)
 
 
 @contextlib.contextmanager
