@@ -104,6 +104,21 @@ def test_grey_in_grey_out(tmp_path, demo_checkpoint):
     assert np.abs(out - expected).max() <= 1
 
 
+def test_grey_with_alpha_stays_grey_with_the_same_alpha(tmp_path, demo_checkpoint):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    grey = np.round(_photo(22, 30)[..., 1] * 255).astype(np.uint8)
+    alpha = rng.integers(0, 256, grey.shape, dtype=np.uint8)
+    Image.fromarray(np.dstack([grey, alpha]), 'LA').save(tmp_path / 'la.png')
+    _ok(_infer(['-i', tmp_path / 'la.png', '-o', tmp_path / 'out', '--weights', demo_checkpoint]))
+    with Image.open(tmp_path / 'out' / 'la.png') as im:
+        assert im.mode == 'LA'
+        out = np.asarray(im)
+    np.testing.assert_array_equal(out[..., 1], alpha)
+    assert not np.array_equal(out[..., 0], grey)
+
+
 def test_exif_orientation_is_applied_and_said(tmp_path, demo_checkpoint):
     from PIL import Image
 
@@ -241,10 +256,14 @@ def test_output_onto_the_input_is_refused(tmp_path, demo_checkpoint):
     assert (tmp_path / 'a_restored.png').is_file()
 
 
-def test_16_bit_to_jpeg_is_refused_per_file(tmp_path, demo_checkpoint):
+def test_16_bit_or_alpha_to_jpeg_is_refused_per_file(tmp_path, demo_checkpoint):
     cv2.imwrite(str(tmp_path / 'a.png'), np.round(_photo(20, 24)[..., ::-1] * 65535).astype(np.uint16))
     outcome = _infer(['-i', tmp_path / 'a.png', '-o', tmp_path / 'out', '--weights', demo_checkpoint, '--ext', 'jpg'])
     assert outcome.status == 1 and '16-bit' in outcome.err and '--ext png' in outcome.err
+    rgba = np.dstack([np.round(_photo(20, 24)[..., ::-1] * 255).astype(np.uint8), np.full((20, 24), 128, np.uint8)])
+    cv2.imwrite(str(tmp_path / 'b.png'), rgba)
+    outcome = _infer(['-i', tmp_path / 'b.png', '-o', tmp_path / 'out', '--weights', demo_checkpoint, '--ext', 'jpg'])
+    assert outcome.status == 1 and 'alpha channel' in outcome.err and 'Traceback' not in outcome.text
 
 
 class _Payload:
@@ -265,6 +284,9 @@ def _weights_cases(tmp_path: Path, demo_checkpoint: Path) -> dict:
     potentials = tmp_path / 'net_potential_10.pth'
     torch.save({'params': {'conv_weight': torch.zeros(2, 4, 1, 3, 3)},
                 'baryir_config': {'type': 'BarycenterPotentials', 'num_potentials': 2}}, potentials)
+    bare_potentials = tmp_path / 'net_potential_old.pth'  # written before the options were saved with it
+    torch.save({'params': {'conv_weight': torch.zeros(2, 4, 1, 3, 3), 'fc1_weight': torch.zeros(2, 8, 4),
+                           'fc3_weight': torch.zeros(2, 8)}}, bare_potentials)
     malicious = tmp_path / 'malicious.pth'
     with open(malicious, 'wb') as f:
         pickle.dump({'params': _Payload(tmp_path / 'pwned')}, f)
@@ -274,7 +296,7 @@ def _weights_cases(tmp_path: Path, demo_checkpoint: Path) -> dict:
     weights['baryir_config'] = {**weights['baryir_config'], 'dim': 16}
     torch.save(weights, other)
     return {random_bytes: 'not a torch checkpoint', truncated: 'truncated', state: 'training state',
-            potentials: 'potentials', malicious: 'not a torch checkpoint',
+            potentials: 'potentials', bare_potentials: 'potentials', malicious: 'not a torch checkpoint',
             tmp_path / 'malicious_zip.pth': 'refusing to load', other: 'does not fit',
             tmp_path / 'missing.pth': 'no such file'}
 

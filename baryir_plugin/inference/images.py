@@ -25,6 +25,7 @@ _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 _WRITES = {np.dtype(np.uint8): IMAGE_EXTENSIONS,
            np.dtype(np.uint16): ('.png', '.tif', '.tiff', '.ppm', '.pgm', '.pnm'),
            np.dtype(np.float32): ('.tif', '.tiff', '.exr')}
+_ALPHA = ('.png', '.tif', '.tiff', '.webp', '.exr')  # formats that store an alpha channel
 # EXIF orientation -> (rotation k of np.rot90, counter-clockwise; flip left-right first)
 _ORIENTATION = {2: (0, True), 3: (2, False), 4: (2, True), 5: (3, True), 6: (3, False), 7: (1, True), 8: (1, False)}
 
@@ -59,13 +60,27 @@ def list_inputs(path: str) -> list[str]:
     return [os.path.join(path, n) for n in names]
 
 
-def _exif_orientation(path: str) -> int:
+def _header(path: str) -> tuple[int, str]:
+    """The EXIF orientation (1: as stored) and Pillow's mode of the file ('' where Pillow cannot read it)."""
     try:
         from PIL import Image
         with Image.open(path) as im:
-            return int(im.getexif().get(0x0112, 1) or 1)
+            return int(im.getexif().get(0x0112, 1) or 1), im.mode
     except Exception:  # noqa: BLE001 (no EXIF, or a format Pillow does not read: stored as is)
-        return 1
+        return 1, ''
+
+
+def _decode_quietly(data: np.ndarray):
+    """cv2.imdecode without OpenCV's own warning lines (a broken file is reported once, by name, instead)."""
+    logging = getattr(cv2, 'utils', None) and getattr(cv2.utils, 'logging', None)
+    if logging is None:
+        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    previous = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    try:
+        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    finally:
+        logging.setLogLevel(previous)
 
 
 def read_picture(path: str) -> Picture:
@@ -73,7 +88,7 @@ def read_picture(path: str) -> Picture:
     data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
     if data is None:
         raise DataError(f'{path}: no such file.')
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    img = _decode_quietly(data) if data.size else None
     if img is None:
         raise DataError(f'{path}: not a readable image (empty, truncated or not an image file).')
     if img.dtype not in _SCALE and img.dtype != np.float32:
@@ -81,7 +96,7 @@ def read_picture(path: str) -> Picture:
     notes = []
     if img.dtype == np.uint16:
         notes.append('16-bit')
-    orientation = _exif_orientation(path)
+    orientation, mode = _header(path)
     if orientation in _ORIENTATION:
         k, flip = _ORIENTATION[orientation]
         if flip:
@@ -96,6 +111,8 @@ def read_picture(path: str) -> Picture:
         alpha = np.ascontiguousarray(img[..., -1])
         img = img[..., :-1]
         notes.append('alpha passed through')
+        if mode in ('LA', 'La') and img.shape[2] == 3:  # OpenCV reads grey + alpha as BGRA
+            img = img[..., :1]
     grey = img.shape[2] == 1
     scale = _SCALE.get(img.dtype, 1.0)
     values = img.astype(np.float32) / scale
@@ -114,6 +131,9 @@ def output_extension(picture: Picture, ext: str) -> str:
         choices = ', '.join(e.lstrip('.') for e in _WRITES[np.dtype(picture.dtype)][:3])
         raise DataError(f'{picture.path}: a {bits[np.dtype(picture.dtype)]} image cannot be written as {out}; give '
                         f'--ext {choices.split(", ")[0]} (or one of {choices}).')
+    if picture.alpha is not None and out not in _ALPHA:
+        raise DataError(f'{picture.path}: it has an alpha channel, which {out} cannot store; give --ext png (or tif, '
+                        'webp).')
     return out
 
 
@@ -138,8 +158,23 @@ def write_picture(path: str, picture: Picture, rgb: np.ndarray, jpeg_quality: in
 
     img = to_samples(picture, rgb)
     ext = os.path.splitext(path)[1].lower()
+    if img.ndim == 3 and img.shape[2] == 2:  # grey + alpha: OpenCV writes 1, 3 or 4 channels only
+        if ext == '.png' and img.dtype == np.uint8:
+            import io
+
+            from PIL import Image
+            buffer = io.BytesIO()
+            Image.fromarray(img, 'LA').save(buffer, format='PNG')
+            encoded = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+            atomic_write(path, lambda f: f.write(encoded.tobytes()))
+            return
+        img = np.ascontiguousarray(img[..., [0, 0, 0, 1]])  # stored as BGRA with three equal channels
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if ext in ('.jpg', '.jpeg') else []
-    ok, encoded = cv2.imencode(ext, img, params)
+    try:
+        ok, encoded = cv2.imencode(ext, img, params)
+    except cv2.error as e:
+        raise DataError(f'{path}: OpenCV cannot encode this image as {ext} ({" ".join(str(e).split())[-120:]}).') \
+            from None
     if not ok:
         raise DataError(f'{path}: OpenCV cannot encode this image as {ext}.')
 

@@ -341,8 +341,9 @@ def run(args: argparse.Namespace) -> int:
     print(f'restored {len(restored)}, skipped {len(skipped)}' + (' (outputs exist; --overwrite replaces them)'
                                                                  if skipped else '')
           + f', failed {len(failed)}{rate} -> {args.output}')
-    for path, why in failed:
-        print(f'  failed: {why}', file=sys.stderr)
+    if len(inputs) > 1:  # a folder: its failures again, together (each was also said as it happened)
+        for path, why in failed:
+            print(f'  failed: {why}', file=sys.stderr)
     return 1 if failed else 0
 
 

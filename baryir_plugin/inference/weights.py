@@ -30,6 +30,8 @@ from ..errors import CheckpointError, OptionError
 
 __all__ = ['LoadedNetwork', 'WeightsFile', 'build_network', 'load_network', 'read_weights']
 
+# parameters only BarycenterPotentials has: a potentials file without stored options is told apart by them
+_POTENTIALS_KEYS = {'conv_weight', 'fc1_weight', 'fc3_weight'}
 # the parameter entries BasicSR writes, in the order they are preferred for inference
 PARAM_KEYS = ('params_ema', 'params')
 
@@ -156,6 +158,8 @@ def load_network(path: str, opt: Optional[str] = None, device: str | torch.devic
             log(f'{what} {path} stores other network options than --opt {opt}; using those of --opt.')
     elif weights.options is not None:
         options, source = weights.options, 'the weights file'
+    elif _POTENTIALS_KEYS <= set(weights.state):
+        options, source = {'type': 'BarycenterPotentials'}, "the weights' names"
     else:
         options, source = _infer_options(weights), "the weights' shapes"
         if options is None:
