@@ -64,6 +64,10 @@ def read_checkpoint(path: str, what: str = 'checkpoint', map_location='cpu', all
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError,
             AttributeError, ImportError, TypeError, IndexError, OverflowError, UnicodeDecodeError) as e:
         raise CheckpointError(f'{what} {path} cannot be read: {why_unreadable(e)}.') from e
+    except Exception as e:  # noqa: BLE001 (torch.load hands some files to other readers, e.g. safetensors)
+        if type(e).__module__.split('.')[0] in ('torch', 'baryir_plugin', 'builtins'):
+            raise
+        raise CheckpointError(f'{what} {path} cannot be read: {why_unreadable(e)}.') from e
 
 
 def check_network_file(obj: object, label: str, path: str, state_fix: str) -> dict:

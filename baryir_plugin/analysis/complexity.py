@@ -621,6 +621,13 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     if args.json and os.path.isdir(args.json):
         raise UsageError(f'--json {args.json} is a folder; give a file name, e.g. --json {args.json}/complexity.json.')
+    if args.json and os.path.exists(args.json):
+        for flag in ('opt', 'weights', 'potentials'):
+            given = getattr(args, flag, None)
+            if given and os.path.exists(given) and os.path.samefile(given, args.json):
+                raise UsageError(f'--json {args.json} is the --{flag} file; write the report elsewhere.')
+        if os.path.splitext(args.json)[1].lower() != '.json':
+            raise UsageError(f'--json {args.json} exists and is not a .json file; give a new file name.')
 
     loaded = None
     if args.weights:

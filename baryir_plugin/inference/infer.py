@@ -73,7 +73,7 @@ def add_command(sub) -> None:
     p.add_argument('--precision', choices=PRECISIONS, default='fp32',
                    help='fp32 (default), or bf16/fp16 autocast (the fragile parts stay float32)')
     p.add_argument('--max-memory', type=positive_float, default=None, metavar='GIB',
-                   help=f'CPU memory budget for --tile auto (default: {MEMORY_SHARE:.0%} of the memory available)')
+                   help=f'CPU memory budget for --tile auto (default: {MEMORY_SHARE * 100:.0f}%% of the memory available)')
     p.add_argument('--suffix', default='', help='added to each output file name before its extension')
     p.add_argument('--ext', choices=EXTENSIONS, default='auto', help="output format (default auto: the input's)")
     p.add_argument('--jpeg-quality', type=int, default=95, help='JPEG quality of .jpg outputs (default 95)')
@@ -266,11 +266,11 @@ def _output_paths(inputs: list[str], out_dir: str, suffix: str, ext: str) -> dic
     outputs, seen = {}, {}
     for path in inputs:
         stem, in_ext = os.path.splitext(os.path.basename(path))
-        out_ext = in_ext if ext == 'auto' else '.' + ext
+        out_ext = in_ext.lower() if ext == 'auto' else '.' + ext  # written in lower case (images.output_extension)
         out = os.path.join(out_dir, f'{stem}{suffix}{out_ext}')
         if os.path.exists(out) and os.path.samefile(out, path):
             raise UsageError(f'the output of {path} would be the input itself; give another -o folder or a --suffix.')
-        key = os.path.normcase(os.path.abspath(out))
+        key = os.path.normcase(os.path.abspath(out)).casefold()  # a.PNG and a.png are one file on some systems
         if key in seen:
             raise UsageError(f'{seen[key]} and {path} would both be written to {out}; give --ext auto or restore '
                              'them into separate folders.')
@@ -330,7 +330,9 @@ def run(args: argparse.Namespace) -> int:
             write_picture(final, picture, result, args.jpeg_quality)
         except (BaryIRError, OSError) as e:
             from ..errors import user_message
-            failed.append((path, user_message(e) if isinstance(e, OSError) else str(e)))
+            why = (user_message(e) if isinstance(e, OSError) else None) or str(e)
+            failed.append((path, why if path in why or (e.filename and str(e.filename) in why)
+                           else f'{path}: {why}'))
             say.log(f'failed: {failed[-1][1]}')
             continue
         notes = ', '.join([restorer.last_plan] + picture.notes)

@@ -71,7 +71,13 @@ def read_weights(path: str, what: str = '--weights') -> WeightsFile:
     from .export import looks_like_safetensors, read_safetensors
 
     if os.path.isfile(path) and looks_like_safetensors(path):
-        state, options = read_safetensors(path, what)
+        try:
+            state, options = read_safetensors(path, what)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 (the safetensors library's own errors on a broken header)
+            raise CheckpointError(f'{what} {path} is not a readable safetensors file ({" ".join(str(e).split())[:120]}'
+                                  '); give a file written by `baryir export-safetensors`, or a .pth.') from None
         return WeightsFile(path, state, None, options, 'safetensors')
     try:
         obj = read_checkpoint(path, what)
