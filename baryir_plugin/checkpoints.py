@@ -81,6 +81,18 @@ def check_network_file(obj: object, label: str, path: str, state_fix: str) -> di
     return obj
 
 
+def state_dict_mismatch(have: dict, got: dict) -> tuple[str, list[str]]:
+    """Why ``got`` does not load into a network whose state dict is ``have``: ``('missing: a, b ... (5); other
+    shape: c (1)', the keys of other shape)``; an empty text when the keys and shapes all match."""
+    missing = sorted(set(have) - set(got))
+    unexpected = sorted(set(got) - set(have))
+    shapes = [k for k, v in got.items() if k in have and have[k].shape != v.shape]
+    detail = '; '.join(f'{name}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""} ({len(keys)})'
+                       for name, keys in (('missing', missing), ('unexpected', unexpected), ('other shape', shapes))
+                       if keys)
+    return detail, shapes
+
+
 def read_training_state(path: str, map_location='cpu', what: str = 'training state') -> dict:
     """A BasicSR ``.state`` file (the schedulers' Counter allow-listed), checked to be one."""
     state = read_checkpoint(path, what, map_location, allow=[collections.Counter])

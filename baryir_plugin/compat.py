@@ -507,7 +507,7 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
     CheckpointError naming the file and the fix."""
     from basicsr.utils import get_root_logger
 
-    from .checkpoints import check_network_file, read_checkpoint
+    from .checkpoints import check_network_file, read_checkpoint, state_dict_mismatch
 
     bare = self.get_bare_model(net)
     option = next((f'path.{k}' for k, v in (self.opt.get('path') or {}).items()
@@ -534,12 +534,8 @@ def _load_network(self, net, load_path, strict=True, param_key='params'):
     try:
         bare.load_state_dict(load_net, strict=strict)
     except RuntimeError as e:
-        missing = sorted(set(bare.state_dict()) - set(load_net))
-        unexpected = sorted(set(load_net) - set(bare.state_dict()))
-        shapes = [k for k, v in load_net.items() if k in bare.state_dict() and bare.state_dict()[k].shape != v.shape]
-        detail = '; '.join(f'{what}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""} ({len(keys)})'
-                           for what, keys in (('missing', missing), ('unexpected', unexpected),
-                                              ('other shape', shapes)) if keys) or ' '.join(str(e).split())[:200]
+        detail, shapes = state_dict_mismatch(bare.state_dict(), load_net)
+        detail = detail or ' '.join(str(e).split())[:200]
         fix = 'give the network options it was trained with'
         if not shapes and strict:
             fix += ', or set path.strict_load_*: false to load the matching part'

@@ -25,7 +25,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..checkpoints import NETWORK_OPTIONS_KEY, check_network_file, nonfinite_tensors, read_checkpoint
+from ..checkpoints import (NETWORK_OPTIONS_KEY, check_network_file, nonfinite_tensors, read_checkpoint,
+                           state_dict_mismatch)
 from ..errors import CheckpointError, OptionError
 
 __all__ = ['LoadedNetwork', 'WeightsFile', 'build_network', 'load_network', 'read_weights']
@@ -184,13 +185,7 @@ def load_network(path: str, opt: Optional[str] = None, device: str | torch.devic
     try:
         net.load_state_dict(weights.state, strict=True)
     except RuntimeError:
-        have, got = net.state_dict(), weights.state
-        missing = sorted(set(have) - set(got))
-        unexpected = sorted(set(got) - set(have))
-        shapes = [k for k in got if k in have and have[k].shape != got[k].shape]
-        detail = '; '.join(f'{name}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""} ({len(keys)})'
-                           for name, keys in (('missing', missing), ('unexpected', unexpected),
-                                              ('other shape', shapes)) if keys)
+        detail, _ = state_dict_mismatch(net.state_dict(), weights.state)
         raise CheckpointError(f'{what} {path} does not fit {options["type"]} built from {source} ({detail}); give '
                               'the option file it was trained with: --opt FILE.yml.') from None
     net.eval().requires_grad_(False)
