@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     for kind in PIPELINES:
         sub.add_parser(kind, add_help=False, help=f"BasicSR's {kind} pipeline (same flags as `basicsr {kind}`)")
     conv = sub.add_parser('convert-official', help="convert the authors' release checkpoint to BasicSR .pth files")
-    conv.add_argument('input', help='official checkpoint (torch.save of {"epoch", "BaryIR", "Pots"})')
+    conv.add_argument('input', help='official checkpoint (torch.save of {"epoch", "BaryIR", "Pots"}, or DA-RCOT\'s '
+                                     '{"epoch", "Tnet", "Fnet"})')
     conv.add_argument('output', help='output .pth for network_g ({"params": ...})')
     conv.add_argument('--potentials-out', default=None,
                       help='output .pth for the potentials (default: OUTPUT with _potential before the suffix)')

@@ -1,10 +1,12 @@
-"""Read the authors' released BaryIR checkpoints safely and convert them to BasicSR state dicts.
+"""Read the authors' released BaryIR and DA-RCOT checkpoints safely and convert them to BasicSR state dicts.
 
-The official release files are ``torch.save({'epoch', 'BaryIR': <module>, 'Pots': <module>})`` of whole
-pickled modules from a module ``model_bary``. Unpickling those normally imports and runs code named by
-the file; torch >= 2.6 refuses them by default. Here a restricted unpickler maps every module class to
-an inert stand-in that only stores its ``__dict__``, allows torch's tensor/storage rebuilding and a few
-containers, and refuses anything else by name. Nothing in the file is executed.
+The official release files are ``torch.save`` of whole pickled modules: BaryIR's
+``{'epoch', 'BaryIR': <module>, 'Pots': <module>}`` from a module ``model_bary``, DA-RCOT's
+``{'epoch', 'Tnet': <MRCNet>, 'Fnet': <F_net>}`` from a module ``model_res``. Unpickling those normally
+imports and runs code named by the file; torch >= 2.6 refuses them by default. Here a restricted
+unpickler maps every module class to an inert stand-in that only stores its ``__dict__``, allows
+torch's tensor/storage rebuilding and a few containers, and refuses anything else by name (for
+DA-RCOT files an explicit list of the release's classes). Nothing in the file is executed.
 
 Output: BasicSR-style files ``{'params': state_dict, 'baryir_config': {...}}`` loadable with
 ``torch.load(weights_only=True)`` and by ``path.pretrain_network_g`` / ``pretrain_network_potential``.
@@ -15,7 +17,7 @@ import collections
 import os
 import pickle
 import re
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -23,6 +25,13 @@ from baryir_plugin.errors import CheckpointError
 
 # Classes of the release's `model_bary` module and the torch.nn modules it pickles: all become stand-ins.
 _STANDIN_MODULE_PREFIXES = ('model_bary', 'torch.nn.modules.')
+# DA-RCOT's release (`model_res`): only these classes, as stand-ins too
+DARCOT_RELEASE_CLASSES = frozenset(f'model_res.{name}' for name in (
+    'MRCNet', 'F_net', 'TransformerBlock', 'Attention', 'FeedForward', 'LayerNorm', 'WithBias_LayerNorm',
+    'BiasFree_LayerNorm', 'OverlapPatchEmbed', 'Downsample', 'Upsample'))
+DARCOT_TORCH_CLASSES = frozenset(f'torch.nn.modules.{name}' for name in (
+    'conv.Conv2d', 'container.Sequential', 'linear.Linear', 'activation.LeakyReLU', 'pixelshuffle.PixelShuffle',
+    'pixelshuffle.PixelUnshuffle'))
 _ALLOWED_GLOBALS = {
     ('torch._utils', '_rebuild_tensor_v2'),
     ('torch._utils', '_rebuild_parameter'),
@@ -57,6 +66,8 @@ class StandInModule:
 
 class _RestrictedUnpickler(pickle.Unpickler):
     _standins: dict[str, type] = {}
+    # the stand-in classes of the current load (set per load by :func:`load_official`)
+    seen: Optional[set] = None
 
     def find_class(self, module: str, name: str):
         qualname = f'{module}.{name}'
@@ -64,7 +75,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        if module.startswith(_STANDIN_MODULE_PREFIXES) and name.isidentifier() and name[0].isupper():
+        if qualname in DARCOT_RELEASE_CLASSES or (
+                module.startswith(_STANDIN_MODULE_PREFIXES) and name.isidentifier() and name[0].isupper()):
+            if self.seen is not None:
+                self.seen.add(qualname)
             cls = self._standins.get(qualname)
             if cls is None:
                 cls = type(name, (StandInModule,), {'_qualname': qualname})
@@ -82,9 +96,15 @@ class _RestrictedPickleModule:
     Unpickler = _RestrictedUnpickler
     UnpicklingError = pickle.UnpicklingError
 
-    @staticmethod
-    def load(file, **kwargs):
-        return _RestrictedUnpickler(file, **kwargs).load()
+    @classmethod
+    def load(cls, file, **kwargs):
+        return cls.Unpickler(file, **kwargs).load()
+
+
+def _pickle_module(seen: set) -> type:
+    """A restricted pickle module that records the stand-in classes it creates in ``seen``."""
+    unpickler = type('_RecordingUnpickler', (_RestrictedUnpickler,), {'seen': seen})
+    return type('_RecordingPickleModule', (_RestrictedPickleModule,), {'Unpickler': unpickler})
 
 
 def load_official(path: str) -> dict:
@@ -95,17 +115,25 @@ def load_official(path: str) -> dict:
         raise CheckpointError(f'official checkpoint not found: {path!r} (relative to {os.getcwd()}).')
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'official checkpoint {path} is empty (0 bytes; an interrupted download?).')
+    seen: set = set()
     try:
-        ckpt = torch.load(path, map_location='cpu', pickle_module=_RestrictedPickleModule, weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', pickle_module=_pickle_module(seen), weights_only=False)
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f'{path}: {e}') from None
     except Exception as e:  # noqa: BLE001 (every way a file can fail to unpickle: truncated, not torch, ...)
         from baryir_plugin.checkpoints import why_unreadable
         raise CheckpointError(f'official checkpoint {path} cannot be read: {why_unreadable(e)}.') from e
-    if not isinstance(ckpt, dict) or 'BaryIR' not in ckpt:
+    if not isinstance(ckpt, dict) or not ('BaryIR' in ckpt or 'Tnet' in ckpt):
         keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not an official BaryIR release file (expected a dict with 'BaryIR' and 'Pots', "
-                         f'got {keys}). BasicSR .pth files load directly with path.pretrain_network_g.')
+                              f"or DA-RCOT's 'Tnet' and 'Fnet', got {keys}). BasicSR .pth files load directly with "
+                              'path.pretrain_network_g.')
+    if 'Tnet' in ckpt:
+        outside = sorted(seen - DARCOT_RELEASE_CLASSES - DARCOT_TORCH_CLASSES)
+        if outside:
+            raise UnsafeCheckpointError(f'{path}: refusing to load: the DA-RCOT checkpoint asks for {outside[0]!r}, '
+                                        'which is not a class of the official release (model_res and the torch.nn '
+                                        'layers it uses); the file may have been tampered with.')
     return ckpt
 
 
@@ -229,9 +257,123 @@ def infer_potentials_config(state: dict[str, torch.Tensor]) -> dict:
             'groups': channels // per_group, 'congruence': 'penalty'}
 
 
+# --------------------------------------------------------------------------------------------------
+# DA-RCOT (model_res.MRCNet -> DARCOT, model_res.F_net -> DARCOTPotential). Longest prefixes first.
+_DARCOT_PREFIX_MAP = [
+    ('patch_embed.proj.', 'embed.'),
+    ('encoder_level1.', 'encoder1.'), ('down1_2.body.0.', 'down1.conv.'),
+    ('encoder_level2.', 'encoder2.'), ('down2_3.body.0.', 'down2.conv.'),
+    ('encoder_level3.', 'encoder3.'), ('down3_4.body.0.', 'down3.conv.'), ('latent.', 'latent.'),
+    ('noise_level3.', 'fuse_block.'), ('reduce_noise_level3.', 'fuse_proj.'), ('up4_3.body.0.', 'up3.conv.'),
+    ('reduce_chan_level3.', 'reduce3.'), ('decoder_level3.', 'decoder3.'),
+    ('noise_level2.', 'decoder3_tail.'), ('reduce_noise_level2.', 'decoder3_proj.'), ('up3_2.body.0.', 'up2.conv.'),
+    ('reduce_chan_level2.', 'reduce2.'), ('decoder_level2.', 'decoder2.'),
+    ('noise_level1.', 'decoder2_tail.'), ('reduce_noise_level1.', 'decoder2_proj.'), ('up2_1.body.0.', 'up1.conv.'),
+    ('decoder_level1.', 'decoder1.'), ('refinement.', 'refinement.'), ('output.', 'output.'),
+    # the residual embedding generation module (REGM)
+    ('resencoder_level1.', 'regm.encoder1.'), ('resdown1_2.body.0.', 'regm.down1.conv.'),
+    ('resencoder_level2.', 'regm.encoder2.'), ('resdown2_3.body.0.', 'regm.down2.conv.'),
+    ('resencoder_level3.', 'regm.encoder3.'), ('reslatent.', 'regm.latent.'),
+    ('resnoise_level3.', 'regm.fuse_block.'), ('resreduce_noise_level3.', 'regm.fuse_proj.'),
+    ('resup4_3.body.0.', 'regm.up3.conv.'), ('resreduce_chan_level3.', 'regm.reduce3.'),
+    ('resdecoder_level3.', 'regm.decoder3.'),
+]
+# Modules MRCNet creates but never calls in its forward (2,409,068 parameters at dim 48): the REGM uses
+# the generator's patch_embed, down3_4, up3_2, reduce_chan_level2 and decoder_level2 instead of its copies.
+DARCOT_UNUSED_MODULES = ('res_patch_embed', 'chnl_reduce1', 'chnl_reduce2', 'chnl_reduce3', 'reduce_noise_channel_1',
+                         'reduce_noise_channel_2', 'reduce_noise_channel_3', 'resdown3_4', 'resup3_2',
+                         'resreduce_chan_level2', 'resdecoder_level2', 'resup2_1', 'resdecoder_level1')
+_DARCOT_POTENTIAL_KEY = re.compile(r'^(features\.\d+\.(weight|bias)|fc[12]?\.(weight|bias))$')
+
+
+def map_darcot_key(key: str) -> str | None:
+    """Our DARCOT name for an official MRCNet parameter; None for the unused modules."""
+    if key.split('.', 1)[0] in DARCOT_UNUSED_MODULES:
+        return None
+    for old, new in _DARCOT_PREFIX_MAP:
+        if key.startswith(old):
+            return new + re.sub(r'(^|\.)body\.(weight|bias)$', r'\1\2', key[len(old):])
+    raise KeyError(f'unknown parameter {key!r} in the official MRCNet; this converter knows the release of '
+                   'xl-tang3/DA-RCOT (model_res.MRCNet with decoder=True).')
+
+
+def convert_darcot_state(official: dict[str, torch.Tensor]) -> 'collections.OrderedDict[str, torch.Tensor]':
+    out: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+    for key, tensor in official.items():
+        new = map_darcot_key(key)
+        if new is not None:
+            out[new] = tensor
+    return out
+
+
+def _depth(state: dict, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split('.', 1)[0]) for k in state if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_darcot_config(state: dict[str, torch.Tensor]) -> dict:
+    """The DARCOT options that reproduce a converted state dict's shapes."""
+    dim = state['embed.weight'].shape[0]
+    hidden = state['encoder1.0.ffn.project_out.weight'].shape[1]
+    return {
+        'type': 'DARCOT',
+        'in_channels': state['embed.weight'].shape[1],
+        'out_channels': state['output.weight'].shape[0],
+        'dim': dim,
+        'num_blocks': [_depth(state, f'{s}.') for s in ('encoder1', 'encoder2', 'encoder3', 'latent')],
+        'num_refinement_blocks': _depth(state, 'refinement.'),
+        'heads': [state[f'{s}.0.attn.temperature'].shape[0] for s in ('encoder1', 'encoder2', 'encoder3', 'latent')],
+        'ffn_expansion_factor': 2.66 if int(dim * 2.66) == hidden else round(hidden / dim, 4),
+        'LayerNorm_type': 'WithBias' if 'encoder1.0.norm1.bias' in state else 'BiasFree',
+        'residual_scale': 0.8,  # a constant of the reference's forward
+        'condition': 'multiscale',
+    }
+
+
+def infer_darcot_potential_config(state: dict[str, torch.Tensor]) -> dict:
+    base = state['features.0.weight'].shape[0]
+    num_features = state['fc.weight'].shape[1]
+    side = int(round((num_features / (8 * base)) ** 0.5))
+    if 8 * base * side * side != num_features:
+        raise ValueError(f'official F_net: flattened width {num_features} is not 8 x {base} x side^2.')
+    return {'type': 'DARCOTPotential', 'in_channels': state['features.0.weight'].shape[1], 'patch_size': 32 * side,
+            'base_channels': base}
+
+
+def convert_darcot(path: str, ckpt: dict) -> tuple[dict, dict | None]:
+    """DA-RCOT's release dict (``Tnet``, ``Fnet``) -> ``(net_g, net_potential)`` in our format."""
+    tnet = ckpt['Tnet']
+    cls = getattr(tnet, '_qualname', type(tnet).__name__)
+    if cls != 'model_res.MRCNet':
+        raise CheckpointError(f'{path}: Tnet is {cls}, but only model_res.MRCNet (the released DA-RCOT network) '
+                              'converts; the authors\' RCNet and PromptIR backbones have no port here.')
+    if getattr(tnet, 'decoder', True) is not True:
+        raise CheckpointError(f'{path}: Tnet was built with decoder=False, which the reference itself cannot run; '
+                              'only decoder=True networks convert.')
+    net_state = convert_darcot_state(module_state_dict(tnet))
+    net_g = {'params': net_state, 'baryir_config': infer_darcot_config(net_state)}
+    net_potential = None
+    if ckpt.get('Fnet') is not None:
+        pot_state = module_state_dict(ckpt['Fnet'])
+        unknown = [k for k in pot_state if not _DARCOT_POTENTIAL_KEY.match(k)]
+        if unknown:
+            raise KeyError(f'unknown parameter {unknown[0]!r} in the official F_net')
+        net_potential = {'params': pot_state, 'baryir_config': infer_darcot_potential_config(pot_state)}
+    return net_g, net_potential
+
+
 def convert_official(path: str) -> tuple[dict, dict | None]:
-    """Return ``(net_g, net_potential)`` BasicSR dicts ``{'params', 'baryir_config'}`` (potential may be None)."""
+    """Return ``(net_g, net_potential)`` BasicSR dicts ``{'params', 'baryir_config'}`` (potential may be None),
+    for a BaryIR or a DA-RCOT release file."""
     ckpt = load_official(path)
+    if 'Tnet' in ckpt:
+        try:
+            return convert_darcot(path, ckpt)
+        except (KeyError, ValueError, AttributeError, IndexError, TypeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise CheckpointError(f'{path}: not the DA-RCOT release this converter knows ({detail}).') from e
     try:
         net_state = convert_baryir_state(module_state_dict(ckpt['BaryIR']))
         net_g = {'params': net_state, 'baryir_config': infer_baryir_config(net_state)}

@@ -310,14 +310,14 @@ class _Checker:
     def __init__(self, opt: dict, opt_path: str, check_files: bool = True) -> None:
         from basicsr.models.sr_model import SRModel
 
-        from baryir_plugin.models.baryir_model import BaryIRModel
+        from baryir_plugin.models.adversarial_base import AdversarialOTModel
 
         self.opt, self.opt_path, self.check_files = opt, opt_path, check_files
         self.is_train = bool(opt.get('is_train', True))
         self.warnings: list[str] = []
         self.model_type = opt.get('model_type')
         self.model_cls = lookup('model_type', self.model_type, 'model', 'model')
-        self.strict = issubclass(self.model_cls, BaryIRModel)
+        self.strict = issubclass(self.model_cls, AdversarialOTModel)  # BaryIRModel, DARCOTModel
         self.sr_like = issubclass(self.model_cls, SRModel)
 
     def warn(self, message: str) -> None:
@@ -370,7 +370,7 @@ class _Checker:
             if key not in self.opt:
                 sections = [str(k) for k in self.opt if str(k).startswith('network_') and k not in needed]
                 hint = did_you_mean(key, sections)
-                extra = ' (type: BarycenterPotentials, num_potentials: <number of sources>, ...)' \
+                extra = f' ({self.model_cls.potential_example})' \
                     if key == 'network_potential' else ''
                 raise OptionError(f'{key} is missing{hint}: {self.model_type} builds it{extra}; add a {key} section.')
         if self.is_train and self.opt.get('train') is None:
@@ -401,6 +401,30 @@ class _Checker:
         cls = lookup(f'{section}.type', arch, 'arch', 'network')
         options = {k: v for k, v in value.items() if k != 'type'}
         Signature(cls).check(section, options, f'{arch} ({section})')
+        from baryir_plugin.archs import BaryIR
+
+        if isinstance(cls, type) and issubclass(cls, BaryIR):
+            self.barycenter_parts(section, options)
+
+    def barycenter_parts(self, section: str, options: Mapping) -> None:
+        """The nested sections of a BaryIR network: ``backbone`` and ``bary_map``."""
+        from baryir_plugin.archs.backbones import BACKBONE_REGISTRY
+
+        if options.get('backbone') is not None:
+            name = f'{section}.backbone'
+            value, kind = _typed_section(name, options['backbone'], 'NAFNetBackbone')
+            cls = registered(BACKBONE_REGISTRY, kind)
+            if cls is None:
+                known = sorted(BACKBONE_REGISTRY.keys())
+                raise OptionError(f'{name}.type: no backbone {_show(kind)} is registered{did_you_mean(kind, known)}; '
+                                  f'registered: {", ".join(known)}.')
+            Signature(cls).check(name, {k: v for k, v in value.items() if k != 'type'}, f'{kind} ({name})')
+        if options.get('bary_map') is not None:
+            name = f'{section}.bary_map'
+            value = _section(name, options['bary_map'], 'type: BarycenterMap, map_type: mlp')
+            kind = value.get('type', 'BarycenterMap')
+            cls = lookup(f'{name}.type', kind, 'arch', 'barycenter map')
+            Signature(cls).check(name, {k: v for k, v in value.items() if k != 'type'}, f'{kind} ({name})')
 
     # ---------------------------------------------------------------------------------------------
     def train(self, train: Any) -> None:
@@ -408,7 +432,7 @@ class _Checker:
 
         train = _section('train', train)
         if self.strict:
-            BaryIRTrainOptions.from_opt(train, owner=self.model_type)
+            getattr(self.model_cls, 'train_options_class', BaryIRTrainOptions).from_opt(train, owner=self.model_type)
         else:
             known = set(BASICSR_TRAIN_KEYS) | set(BASICSR_OTHER_TRAIN_KEYS) | {'optim_g'}
             for key in map(str, train):

@@ -37,7 +37,9 @@ from baryir_plugin.errors import BaryIRError, DataError, SetupError, UsageError
 
 PROG = 'scripts/study_barycenter_map.py'
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_TEMPLATE = REPO / 'options' / 'train_baryir_demo.yml'
+TRAIN_TEMPLATES = {'restormer': REPO / 'options' / 'train_baryir_demo.yml',
+                   'promptir': REPO / 'options' / 'train_baryir_promptir_demo.yml',
+                   'nafnet': REPO / 'options' / 'train_baryir_nafnet_demo.yml'}
 TEST_TEMPLATES = {'shared': REPO / 'options' / 'test_baryir_shared_data.yml',
                   'demo': REPO / 'options' / 'test_baryir_demo.yml'}
 SOURCES = ('noise', 'rain', 'haze', 'blur', 'lowlight')
@@ -95,9 +97,11 @@ def check_sources(sources: list[str]) -> None:
                          f'(here: --sources {" ".join(ordered)}).')
 
 
-def train_options(name: str, with_t: bool, sources: list[str], iters: int, data_dir: str, dim: int) -> dict:
-    """The demo recipe restricted to ``sources``; without T: SRModel and ``embedding_mode: original``."""
-    opt = yaml.safe_load(TRAIN_TEMPLATE.read_text())
+def train_options(name: str, with_t: bool, sources: list[str], iters: int, data_dir: str, dim: int,
+                  backbone: str = 'restormer') -> dict:
+    """The backbone's demo recipe restricted to ``sources``; without T: SRModel and ``embedding_mode:
+    original``. ``dim`` sets the width of the default (Restormer) backbone only."""
+    opt = yaml.safe_load(TRAIN_TEMPLATES[backbone].read_text())
     opt['name'] = name
     train = opt['datasets']['train']
     kept = [s for s in train['sources'] if s['name'] in sources]
@@ -108,13 +112,14 @@ def train_options(name: str, with_t: bool, sources: list[str], iters: int, data_
     train['sources'] = kept
     opt['datasets'] = {'train': train}  # evaluation happens afterwards on the real sets
     opt.pop('val', None)
-    opt['network_g']['dim'] = dim
+    if backbone == 'restormer':
+        opt['network_g']['dim'] = dim
     opt['train']['total_iter'] = iters
     opt['train']['scheduler']['periods'] = [iters]
     opt['logger']['save_checkpoint_freq'] = iters
     if with_t:
         opt['network_potential']['num_potentials'] = len(kept)
-        opt['network_potential']['in_channels'] = 8 * dim
+        opt['network_potential'].pop('in_channels', None)  # follows network_g
     else:
         opt['model_type'] = 'SRModel'
         opt['network_g']['embedding_mode'] = 'original'
@@ -191,7 +196,32 @@ def table(arms: dict[str, dict[str, dict]], evaluation: str = 'shared') -> str:
             inp_s = '' if inp is None else (f'{inp:.3f}' if metric.startswith('ssim') else f'{inp:.2f}')
             better = 'lower' if entry.get('better') == 'lower' else 'higher'
             lines.append(f'| {dataset} | {split} | {metric} ({better} better) | {inp_s} | ' + ' | '.join(cells) + ' |')
+    lines += _average_rows(arms, [d for d in first if d in IN_DISTRIBUTION])
     return '\n'.join(lines)
+
+
+def _average_rows(arms: dict[str, dict[str, dict]], sets: list[str]) -> list[str]:
+    """The mean over the in-distribution sets of each set's mean (the all-in-one "Average" column), for
+    the metrics every one of those sets has, the inputs' beside it."""
+    if len(sets) < 2:
+        return []
+    names = list(arms)
+    first = arms[names[0]]
+    metrics = [m for m in first[sets[0]]['metrics'] if not m.endswith('_y')
+               and all('mean' in first[d]['metrics'].get(m, {}) for d in sets)]
+    rows = []
+    for metric in metrics:
+        digits = 3 if metric.startswith('ssim') else 2
+
+        def mean(values):
+            return f'{sum(values) / len(values):.{digits}f}'
+
+        inputs = [first[d]['metrics'][metric].get('input_mean') for d in sets]
+        inp = '' if None in inputs else mean(inputs)
+        cells = [mean([arms[a][d]['metrics'][metric]['mean'] for d in sets]) for a in names]
+        better = 'lower' if first[sets[0]]['metrics'][metric].get('better') == 'lower' else 'higher'
+        rows.append(f'| average of {len(sets)} | in | {metric} ({better} better) | {inp} | ' + ' | '.join(cells) + ' |')
+    return rows
 
 
 def parse_args(argv: list[str] | None = None):
@@ -203,7 +233,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument('--data-root', help='with --eval shared: folder with CBSD68, Kodak24, McMaster, RNI15, '
                    'Rain100L, Rain100H (see docs/evaluation.md)')
     p.add_argument('--iters', type=positive_int, default=1000, help='training iterations of each arm (default 1000)')
-    p.add_argument('--dim', type=positive_int, default=8, help='BaryIR width (even; default 8, the demo network)')
+    p.add_argument('--dim', type=positive_int, default=8, help='BaryIR width (even; default 8, the demo network) '
+                   'of the restormer backbone')
+    p.add_argument('--backbones', nargs='+', choices=sorted(TRAIN_TEMPLATES), default=['restormer'],
+                   help='backbones to train with and without T, each from its demo recipe (default: restormer)')
     p.add_argument('--sources', nargs='+', default=['noise', 'rain', 'haze'],
                    help=f'training sources of the demo set, in the order {" ".join(SOURCES)} (default: the '
                    '3-degradation setting noise rain haze)')
@@ -251,10 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     opts_dir = out / 'study_options'
     opts_dir.mkdir(exist_ok=True)
 
-    arms = {'with T': ('study_with_T', True), 'without T': ('study_without_T', False)}
+    arms = {}
+    for backbone in dict.fromkeys(args.backbones):
+        tag = '' if args.backbones == ['restormer'] else f'{backbone} '
+        suffix = '' if args.backbones == ['restormer'] else f'_{backbone}'
+        arms[f'{tag}with T'] = (f'study_with_T{suffix}', True, backbone)
+        arms[f'{tag}without T'] = (f'study_without_T{suffix}', False, backbone)
     summaries, timing = {}, {}
-    for label, (name, with_t) in arms.items():
-        topt = train_options(name, with_t, args.sources, args.iters, str(demo), args.dim)
+    for label, (name, with_t, backbone) in arms.items():
+        topt = train_options(name, with_t, args.sources, args.iters, str(demo), args.dim, backbone)
         tpath = opts_dir / f'train_{name}.yml'
         tpath.write_text(yaml.safe_dump(topt, sort_keys=False))
         print(f'[study] training {label}: {args.iters} iterations ({tpath})', flush=True)
@@ -271,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from baryir_plugin.analysis import machine_line  # the benchmarks' machine line
     machine = machine_line('cpu')
-    text = (f'BaryIR dim {args.dim}, sources {args.sources}, {args.iters} iterations per arm, '
+    text = (f'BaryIR backbones {args.backbones} (restormer dim {args.dim}), sources {args.sources}, {args.iters} '
+            'iterations per arm, '
             f'evaluated on {args.eval}, machine: {machine}\n'
             + ''.join(f'{k}: train {v["train_s"]:.0f} s, eval {v["eval_s"]:.0f} s\n' for k, v in timing.items())
             + '\n' + table(summaries, args.eval) + '\n')

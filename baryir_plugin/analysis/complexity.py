@@ -44,7 +44,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..errors import CheckpointError, OptionError, UsageError
 
-# BaryIR's top-level modules by group, in the order the forward runs them (BaryIR journal, Fig. 2)
+# The default BaryIR's groups, in the order the forward runs them (BaryIR journal, Fig. 2); a BaryIR network
+# on another backbone reports its own (BaryIR.module_groups)
 BARYIR_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ('encoder', ('embed', 'encoder1', 'down1', 'encoder2', 'down2', 'encoder3', 'down3', 'latent', 'latent_norm')),
     ('barycenter map T', ('bary_map',)),
@@ -89,13 +90,15 @@ class Group:
 
 
 def module_groups(net) -> list[Group]:
-    """The groups of ``net``: BaryIR's five, or one ``network`` group holding every top-level module."""
+    """The groups of ``net``: BaryIR's (encoder, T, latent fusion, residual decoder, decoder, and any its
+    backbone adds), or one ``network`` group holding every top-level module."""
     from ..archs.baryir_arch import BaryIR
 
     children = [name for name, _ in net.named_children()]
     if not isinstance(net, BaryIR):
         return [Group(OTHER_GROUP, children)]
-    return [Group(name, list(modules), present=any(m in children for m in modules)) for name, modules in BARYIR_GROUPS]
+    return [Group(name, list(modules), present=any(m in children for m in modules))
+            for name, modules in net.module_groups()]
 
 
 def count_parameters(net) -> tuple[list[Group], int]:
@@ -120,7 +123,7 @@ def count_parameters(net) -> tuple[list[Group], int]:
     if unowned:
         raise RuntimeError(f'complexity groups: {len(unowned)} parameter(s) of {type(net).__name__} are in no group '
                            f'({", ".join(unowned[:3])}{" ..." if len(unowned) > 3 else ""}); add their module to '
-                           'BARYIR_GROUPS in baryir_plugin/analysis/complexity.py.')
+                           'its backbone\'s module_groups().')
     if sum(g.parameters for g in groups) != total:
         raise RuntimeError('complexity groups: the groups do not add up to the parameter count.')
     return groups, total
@@ -307,7 +310,8 @@ def count_potentials(pots: Potentials, latent: tuple) -> None:
         notes.append(f'their width {module.in_channels} is not the network latent\'s {channels}')
         channels = module.in_channels
     if module.latent_size is not None and (h, w) != (module.latent_size,) * 2:
-        notes.append(f'built for {8 * module.latent_size}x{8 * module.latent_size} crops (pool_size none), they '
+        crop = module.latent_stride * module.latent_size
+        notes.append(f'built for {crop}x{crop} crops (pool_size none), they '
                      f'accept only a {module.latent_size}x{module.latent_size} latent, not {h}x{w}')
         h = w = module.latent_size
     param = next(module.parameters())
@@ -648,12 +652,17 @@ def run(args: argparse.Namespace) -> int:
     channels = _input_channels(options)
     padded = (h, w)
     if is_baryir:
-        padded = (h + (-h % 8), w + (-w % 8))
+        m = net.pad_multiple
+        padded = (h + (-h % m), w + (-w % m))
     pots = Potentials(None, 'not applicable (not a BaryIR network)')
     latent = None
     if is_baryir:
-        latent = (net.latent_norm.weight.numel(), padded[0] // 8, padded[1] // 8)  # (8d, H/8, W/8)
-        pots = find_potentials(args, loaded, _optional_potential_options(args.opt))
+        stride = net.latent_stride
+        latent = (net.latent_channels, padded[0] // stride, padded[1] // stride)  # (8d, H/8, W/8) by default
+        pot_options = _optional_potential_options(args.opt)
+        if pot_options is not None:  # what BaryIRModel fills in from network_g when the file leaves it out
+            pot_options = {'in_channels': net.latent_channels, 'latent_stride': net.latent_stride, **pot_options}
+        pots = find_potentials(args, loaded, pot_options)
 
     # the memory probe first: this process holds nothing but the network yet
     memory = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from .restormer_blocks import LayerNorm2d, conv1x1, transformer_stage
@@ -65,11 +66,15 @@ class _ViTBlock(nn.Module):
         return t.transpose(1, 2).reshape(b, c, h, w)
 
 
+@ARCH_REGISTRY.register()
 class BarycenterMap(nn.Module):
-    """The barycenter map T at the latent width.
+    """The barycenter map T at the latent width: (B, dim, h, w) -> (B, dim, h, w), any h and w.
+
+    Registered on its own, so it can be built from YAML (``type: BarycenterMap``), put on any latent, or
+    given to BaryIR as ``bary_map: {type: BarycenterMap, map_type: mlp, num_blocks: 2}``.
 
     Args:
-        dim: latent width (8 * dim of the network).
+        dim: latent width (8 * dim of the default BaryIR network, 384).
         map_type: ``'transformer'`` (reference), ``'mlp'``, ``'conv'`` or ``'vit'``.
         num_blocks: depth of the map.
         num_heads: attention heads for ``transformer`` and ``vit``.
@@ -77,9 +82,12 @@ class BarycenterMap(nn.Module):
         norm_type: LayerNorm variant of the Restormer blocks.
     """
 
-    def __init__(self, dim: int, map_type: str, num_blocks: int, num_heads: int, ffn_expansion_factor: float,
-                 norm_type: str) -> None:
+    def __init__(self, dim: int = 384, map_type: str = 'transformer', num_blocks: int = 8, num_heads: int = 8,
+                 ffn_expansion_factor: float = 2.66, norm_type: str = 'WithBias') -> None:
         super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f'BarycenterMap: dim must be a positive integer (the latent width), got {dim!r}.')
+        self.dim = dim
         if map_type not in BARY_MAP_TYPES:
             raise ValueError(f'bary_map_type must be one of {BARY_MAP_TYPES}, got {map_type!r}.')
         if num_blocks < 1:
@@ -96,4 +104,6 @@ class BarycenterMap(nn.Module):
             self.blocks = nn.Sequential(*[_ViTBlock(dim, num_heads) for _ in range(num_blocks)])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 4 or z.shape[1] != self.dim:
+            raise ValueError(f'BarycenterMap expects latents of shape (B, {self.dim}, h, w), got {tuple(z.shape)}.')
         return self.blocks(z)

@@ -42,6 +42,9 @@ class BarycenterPotentials(nn.Module):
             f_K = -(1/lambda_K) sum_{k<K} lambda_k f_k, so the congruence holds exactly).
         lambdas: barycenter weights lambda_k (sum to 1); uniform if omitted. The training model sets
             them from the dataset with :meth:`set_lambdas`; they are saved with the weights.
+        latent_stride: the restoration network's latent downscale factor (8 for the default backbone,
+            16 for a four-level one); the latent of a P x P crop is P/latent_stride wide. BaryIRModel
+            fills it in from network_g when it is not given.
     """
 
     def __init__(self,
@@ -51,7 +54,8 @@ class BarycenterPotentials(nn.Module):
                  groups: int = 4,
                  pool_size: Optional[int] = None,
                  congruence: str = 'penalty',
-                 lambdas: Optional[Sequence[float]] = None) -> None:
+                 lambdas: Optional[Sequence[float]] = None,
+                 latent_stride: int = 8) -> None:
         super().__init__()
         if num_potentials < 1:
             raise ValueError(f'BarycenterPotentials: num_potentials must be >= 1, got {num_potentials}.')
@@ -61,15 +65,19 @@ class BarycenterPotentials(nn.Module):
             raise ValueError("BarycenterPotentials: congruence='parameterized' needs num_potentials >= 2.")
         if in_channels % groups:
             raise ValueError(f'BarycenterPotentials: in_channels={in_channels} is not divisible by groups={groups}.')
+        if not isinstance(latent_stride, int) or latent_stride < 1:
+            raise ValueError(f'BarycenterPotentials: latent_stride must be a positive integer, got {latent_stride!r}.')
+        self.latent_stride = latent_stride
         if pool_size is None:
-            if patch_size % 8:
-                raise ValueError(f'BarycenterPotentials: patch_size must be a multiple of 8, got {patch_size}; '
-                                 'or set pool_size to accept any crop size.')
-            self.latent_size: Optional[int] = patch_size // 8
+            if patch_size % latent_stride:
+                raise ValueError(f'BarycenterPotentials: patch_size must be a multiple of {latent_stride} (the '
+                                 f'latent stride), got {patch_size}; or set pool_size to accept any crop size.')
+            self.latent_size: Optional[int] = patch_size // latent_stride
             side = _conv_out(self.latent_size)
             if side < 1:
                 raise ValueError(f'BarycenterPotentials: patch_size={patch_size} is too small (latent '
-                                 f'{self.latent_size}x{self.latent_size}); use >= 16 or set pool_size.')
+                                 f'{self.latent_size}x{self.latent_size}); use >= {2 * latent_stride} or set '
+                                 'pool_size.')
         else:
             if pool_size < 1:
                 raise ValueError(f'BarycenterPotentials: pool_size must be >= 1, got {pool_size}.')
@@ -118,7 +126,7 @@ class BarycenterPotentials(nn.Module):
             raise ValueError(f'BarycenterPotentials expects latents of shape (B, {self.in_channels}, h, w), '
                              f'got {tuple(z.shape)}.')
         if self.latent_size is not None and tuple(z.shape[-2:]) != (self.latent_size, self.latent_size):
-            raise ValueError(f'BarycenterPotentials was built for patch_size={8 * self.latent_size} (latent '
+            raise ValueError(f'BarycenterPotentials was built for patch_size={self.latent_stride * self.latent_size} (latent '
                              f'{self.latent_size}x{self.latent_size}) but got a {z.shape[-2]}x{z.shape[-1]} latent; '
                              'train on crops of that size, or set pool_size to accept any size.')
 

@@ -66,10 +66,10 @@ class PadToMultiple(nn.Module):
     own padding does nothing), and its output is cropped back to H x W. Same result as ``net(x)``.
     """
 
-    def __init__(self, net: nn.Module, multiple: int = PAD_MULTIPLE) -> None:
+    def __init__(self, net: nn.Module, multiple: Optional[int] = None) -> None:
         super().__init__()
         self.net = net
-        self.multiple = multiple
+        self.multiple = multiple or getattr(net, 'pad_multiple', PAD_MULTIPLE)
 
     def _indices(self, size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Source rows (or columns) of the padded side: by reflection and by replication."""

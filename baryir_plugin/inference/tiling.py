@@ -174,9 +174,11 @@ class StreamedRunner:
 
 
 def can_stream(net: nn.Module) -> bool:
-    """Whether :func:`streamed_forward` knows this network (BaryIR, with its own forward)."""
+    """Whether :func:`streamed_forward` knows this network (BaryIR on the released Restormer backbone, with
+    their own forwards; other backbones are tiled by blending)."""
+    from ..archs.backbones import RestormerBackbone
     from ..archs.baryir_arch import BaryIR
-    return type(net) is BaryIR
+    return type(net) is BaryIR and type(net.backbone) is RestormerBackbone
 
 
 def _bary_map(runner: StreamedRunner, bary_map: nn.Module, z: torch.Tensor) -> torch.Tensor:

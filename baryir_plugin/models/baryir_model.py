@@ -10,56 +10,31 @@ Per iteration (BaryIR journal, Alg. 1):
      the potentials already updated) or one step on their sum.
 The options are read once into ``self.train_options`` / ``self.val_options`` (``options.py``); speed
 options (mixed precision, channels-last, torch.compile, activation checkpointing) live in
-``training_speed.py``, validation and its per-image reports in ``validation.py``.
+``training_speed.py``, validation and its per-image reports in ``validation.py``; what BaryIRModel shares
+with DARCOTModel (optimizers, source statistics, log, saving and resuming) in ``adversarial_base.py``.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from basicsr.archs import build_network
-from basicsr.data import build_dataset
 from basicsr.losses import build_loss
-from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
-from basicsr.utils.dist_util import master_only
-from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
+from basicsr.utils.registry import MODEL_REGISTRY
 
-from baryir_plugin.checkpoints import nonfinite_tensors
-from baryir_plugin.compat import atomic_torch_save
-from baryir_plugin.errors import CheckpointError, OptionError, TrainingError
+from baryir_plugin.errors import OptionError
 from baryir_plugin.losses import transport_cost
 
-from .options import (CONGRUENCE_STEPS, LAMBDA_MODES, POTENTIAL_STEP_MODES, SAMPLE_WEIGHTINGS, BaryIRTrainOptions,
-                      BaryIRValOptions)
-from .numerics import NonFiniteGuard
+from .adversarial_base import AdversarialOTModel, dihedral_ensemble
+from .options import CONGRUENCE_STEPS, LAMBDA_MODES, POTENTIAL_STEP_MODES, SAMPLE_WEIGHTINGS, BaryIRTrainOptions
 from .rng_state import capture_rng_state, restore_rng_state
-from .training_speed import IntervalLog, TrainingSpeed, check_optimizer_options, per_source_stats
-from .validation import BaryIRValidation
+from .training_speed import per_source_stats
 
 __all__ = ['BaryIRModel', 'barycenter_weights', 'capture_rng_state', 'dihedral_ensemble', 'restore_rng_state',
            'CONGRUENCE_STEPS', 'LAMBDA_MODES', 'POTENTIAL_STEP_MODES', 'SAMPLE_WEIGHTINGS']
-
-
-def dihedral_ensemble(net: torch.nn.Module, x: torch.Tensor,
-                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Test-time self-ensemble: the mean of ``net`` over the 8 rotations and flips of ``x`` (N, C, H, W),
-    each output mapped back to the input's orientation. One view at a time, so peak memory is that of a
-    single forward; the result is invariant to rotating or flipping the input (for any ``net``)."""
-    total = None
-    for k in range(8):
-        view = torch.rot90(x, k % 4, dims=(-2, -1))
-        if k >= 4:
-            view = view.flip(-1)
-        y = net(view.contiguous(memory_format=memory_format))
-        if k >= 4:
-            y = y.flip(-1)
-        y = torch.rot90(y, -(k % 4), dims=(-2, -1))
-        total = y if total is None else total + y
-    return total / 8
 
 
 def barycenter_weights(counts: Sequence[int], mode: str = 'proportional') -> torch.Tensor:
@@ -83,7 +58,7 @@ def barycenter_weights(counts: Sequence[int], mode: str = 'proportional') -> tor
 
 
 @MODEL_REGISTRY.register()
-class BaryIRModel(BaryIRValidation, SRModel):
+class BaryIRModel(AdversarialOTModel):
     """BasicSR model for BaryIR: ``network_g`` (BaryIR) and ``network_potential`` (BarycenterPotentials).
 
     ``train`` options, read once into ``self.train_options`` (:class:`BaryIRTrainOptions`; defaults = the
@@ -122,26 +97,7 @@ class BaryIRModel(BaryIRValidation, SRModel):
     has nothing to contrast and is skipped with a logged warning.
     """
 
-    def __init__(self, opt: dict) -> None:
-        is_train = opt.get('is_train', True)
-        self.val_options = BaryIRValOptions.from_opt(opt.get('val'), is_train)
-        # read before SRModel.__init__, which calls init_training_settings
-        self.train_options = BaryIRTrainOptions.from_opt(opt.get('train')) if is_train else None
-        device = torch.device('cuda' if opt.get('num_gpu', 0) != 0 else 'cpu')  # as BaseModel decides
-        if not is_train and self.val_options.channels_last:
-            opt['use_channels_last'] = True  # the test-time spelling of the same option
-        self.speed = TrainingSpeed(opt, device, is_train=is_train)
-        super().__init__(opt)  # builds net_g through model_to_device, so the speed options apply there
-        metric_names = list(self.val_options.metrics)
-        for entry in (opt.get('datasets') or {}).values():  # checked here, not hours later at that set's turn
-            self._dataset_metrics(entry, metric_names)
-        self.set_average = self._set_average(opt, self.is_train)
-
-    def model_to_device(self, net: torch.nn.Module, checkpoint_stages: bool = True) -> torch.nn.Module:
-        """BasicSR's move to the device and DDP wrapping, with the memory format, checkpointing (of the
-        restoration network, in training) and compilation applied to the bare network first."""
-        net = self.speed.prepare(net.to(self.device), checkpoint_stages=checkpoint_stages and self.is_train)
-        return super().model_to_device(net)
+    train_options_class = BaryIRTrainOptions
 
     def init_training_settings(self) -> None:
         options = self.train_options
@@ -155,7 +111,7 @@ class BaryIRModel(BaryIRValidation, SRModel):
                               f'(embedding_mode={getattr(bare_g, "embedding_mode", "?")!r}); train it with SRModel.')
 
         self.source_names, counts, degradation_names = self._source_stats()
-        pot = build_network(self.opt['network_potential'])
+        pot = build_network(self._potential_options(bare_g))
         if pot.num_potentials != len(self.source_names):
             raise OptionError(f'network_potential.num_potentials is {pot.num_potentials} but the training data has '
                               f'{len(self.source_names)} source(s) {self.source_names}; make them equal.')
@@ -195,74 +151,24 @@ class BaryIRModel(BaryIRValidation, SRModel):
                            'nothing to contrast. Use AllInOneDataset with two or more sources to enable it.')
             self.cri_irc = None
         super().init_training_settings()  # EMA, pixel loss, optimizers, schedulers
-        self.net_potential.train()
-        if hasattr(self, 'net_g_ema'):
-            self.net_g_ema.to(memory_format=self.speed.memory_format)
-        # one GradScaler per optimizer (fp16 only), in the order of self.optimizers
-        self.scalers = [self.speed.grad_scaler() for _ in self.optimizers]
-        self.guard = NonFiniteGuard(options.nonfinite, options.nonfinite_patience, self.opt['path'].get('models'),
-                                    distributed=bool(self.opt['dist']), logger=logger)
-        self.interval_log = IntervalLog()
-        self.log_dict = OrderedDict()
-        self._source_stats_acc = torch.zeros(2 * len(self.source_names), device=self.device)
+        self._adversarial_settings(logger)  # loss scalers, non-finite guard, interval log
 
-    def _source_stats(self) -> tuple[list[str], list[int], list[str]]:
-        """Source names, per-source counts and fine degradation names of the training data."""
-        data_opt = self.opt['datasets'].get('train')
-        if data_opt is not None and getattr(DATASET_REGISTRY.get(data_opt['type']), 'provides_sources', False):
-            dataset = build_dataset(data_opt)  # options are deep-copied; only file lists are read
-            return list(dataset.source_names), list(dataset.source_counts), list(dataset.degradation_names)
-        get_root_logger().warning(f'BaryIRModel: the training dataset ({(data_opt or {}).get("type")}) has no '
-                                  'degradation sources; treating all data as one source.')
-        return ['all'], [1], ['all']
-
-    # ------------------------------------------------------------------------------------------------
-    def setup_optimizers(self) -> None:
-        for key, net in (('optim_g', self.net_g), ('optim_potential', self.net_potential)):
-            cfg = dict(getattr(self.train_options, key))
-            optim_type = cfg.pop('type')
-            cls = getattr(torch.optim, str(optim_type), None)
-            if isinstance(cls, type):
-                check_optimizer_options(key, cfg, cls)
-            params = [p for p in net.parameters() if p.requires_grad]
-            optimizer = self.get_optimizer(optim_type, params, **cfg)
-            setattr(self, 'optimizer_g' if key == 'optim_g' else 'optimizer_potential', optimizer)
-            self.optimizers.append(optimizer)  # order = order in the training state: [g, potential]
-
-    def get_current_learning_rate(self) -> list[float]:
-        return [group['lr'] for opt in self.optimizers for group in opt.param_groups]
-
-    def feed_data(self, data: dict) -> None:
-        super().feed_data(data)
-        self.lq = self.speed.layout(self.lq)
-        if hasattr(self, 'gt'):
-            self.gt = self.speed.layout(self.gt)
-        b = self.lq.shape[0]
-        if 'source_id' in data:
-            self.source_id = data['source_id'].to(self.device).long().view(b)
-            self.degradation_id = data.get('degradation_id', data['source_id']).to(self.device).long().view(b)
-        else:
-            self.source_id = torch.zeros(b, dtype=torch.long, device=self.device)
-            self.degradation_id = self.source_id
-
-    def test(self) -> None:
-        """SRModel's test (the EMA network when there is one); with ``val.self_ensemble`` the network's mean
-        over the 8 dihedral views. A compiled network validates eagerly: compiling again for every
-        validation image size would cost more than it saves."""
-        net = getattr(self, 'net_g_ema', self.net_g)
-        was_training = net.training
-        net.eval()
-        forward = self.get_bare_model(net).forward if self.speed.compile else net
-        with torch.no_grad():
-            if self.val_options.self_ensemble:
-                self.output = dihedral_ensemble(forward, self.lq, self.speed.memory_format)
-            else:
-                self.output = forward(self.lq)
-        net.train(was_training)
-
-    def _set_potential_grad(self, flag: bool) -> None:
-        for p in self.net_potential.parameters():
-            p.requires_grad_(flag)
+    def _potential_options(self, bare_g: torch.nn.Module) -> dict:
+        """``network_potential`` with ``in_channels`` taken from the network's latent width where it is not
+        given (any backbone), or checked against it where it is. The completed options are kept, so the
+        potentials' checkpoints carry their width."""
+        options = self.opt['network_potential']
+        for key, value, what in (('in_channels', getattr(bare_g, 'latent_channels', None), 'channels'),
+                                 ('latent_stride', getattr(bare_g, 'latent_stride', None), 'as its downscale factor')):
+            if value is None:
+                continue
+            given = options.get(key)
+            if given is None:
+                options[key] = value
+            elif given != value:
+                raise OptionError(f'network_potential.{key} is {given} but network_g\'s barycenter latent has {value} '
+                                  f'{what}; set {key}: {value} or leave it out (it follows network_g).')
+        return options
 
     def _gather(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """All-gather along the batch axis with gradients; returns the tensors and this rank's offset."""
@@ -280,24 +186,6 @@ class BaryIRModel(BaryIRValidation, SRModel):
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
         self.guard.end_iteration(current_iter)  # logs skipped steps; raises when training has diverged
-
-    def get_current_log(self) -> 'OrderedDict[str, float]':
-        """The mean of every loss term since the last log line (over all ranks under DDP), and each
-        source's mean potential on its own samples of that interval (``f_<source>``; a source with no
-        sample in it keeps its previous value, ``nan`` before its first)."""
-        if self.interval_log:
-            losses = OrderedDict(self.interval_log.pop_means())
-            stats = self._source_stats_acc
-            if self.opt['dist'] and dist.is_initialized():
-                dist.all_reduce(stats)
-            k = len(self.source_names)
-            sums, counts = stats[:k], stats[k:]
-            self.potential_means = torch.where(counts > 0, sums / counts.clamp(min=1), self.potential_means)
-            self._source_stats_acc = torch.zeros_like(stats)
-            for i, name in enumerate(self.source_names):
-                losses[f'f_{name}'] = self.potential_means[i]
-            self.log_dict = self.reduce_loss_dict(losses)
-        return self.log_dict
 
     def network_step(self) -> 'OrderedDict[str, torch.Tensor]':
         """Step 1: restoration network, barycenter map and encoder; the potentials are frozen."""
@@ -391,93 +279,3 @@ class BaryIRModel(BaryIRValidation, SRModel):
             loss = self.cri_potential(own, congruence if with_congruence else None,
                                       self.sample_weights[self.source_id])
         return loss, congruence
-
-    # ------------------------------------------------------------------------------------------------
-    def save(self, epoch: int, current_iter: int) -> None:
-        """The networks and the training state of this iteration, all of them or (when a network's weights
-        hold NaN/inf) none: the previous complete set stays the one to resume from."""
-        self._rng_states = self._gather_rng_states()  # collective: every rank calls save()
-        nets = [('net_g', self.net_g), ('net_potential', self.net_potential)]
-        if hasattr(self, 'net_g_ema'):
-            nets.append(('net_g_ema', self.net_g_ema))
-        label = 'latest' if current_iter == -1 else current_iter
-        bad = [name for name, net in nets if nonfinite_tensors(self.get_bare_model(net).state_dict().values())]
-        why = None
-        if bad:
-            why = f'the weights of {", ".join(bad)} hold NaN/inf'
-        elif self.is_train and self.guard.diverging:
-            why = f'the last {self.guard.consecutive} iteration(s) skipped non-finite steps'
-        if why is not None:
-            get_root_logger().error(f'Not saving iteration {label} (net_g_{label}.pth and the rest): {why}; the '
-                                    'previous checkpoints are kept.')
-            if current_iter == -1:  # the end of training: a run whose result was refused must not end as a success
-                last = self.guard.last_finite if self.is_train else None
-                raise TrainingError(f'training ended, but net_g_latest.pth was not saved: {why}. '
-                                    + (f'The last checkpoint saved is {last[1]} (iteration {last[0]}).' if last else
-                                       'No checkpoint was saved.')
-                                    + ' Lower the learning rate (train.optim_*.lr) or check the data for extreme '
-                                    'values.')
-            return
-        if hasattr(self, 'net_g_ema'):
-            self.save_network([self.net_g, self.net_g_ema], 'net_g', current_iter, param_key=['params', 'params_ema'])
-        else:
-            self.save_network(self.net_g, 'net_g', current_iter)
-        self.save_network(self.net_potential, 'net_potential', current_iter)
-        self.save_training_state(epoch, current_iter)
-        if current_iter != -1:
-            self.guard.saved(current_iter, os.path.join(self.opt['path']['models'], f'net_g_{current_iter}.pth'))
-
-    def _gather_rng_states(self) -> list:
-        state = capture_rng_state()
-        if self.opt['dist'] and dist.is_initialized():
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, state)
-            return states
-        return [state]
-
-    @master_only
-    def save_training_state(self, epoch: int, current_iter: int) -> None:
-        if current_iter == -1:
-            return
-        state = {'epoch': epoch, 'iter': current_iter,
-                 'optimizers': [o.state_dict() for o in self.optimizers],
-                 'schedulers': [s.state_dict() for s in self.schedulers],
-                 'rng': getattr(self, '_rng_states', None) or [capture_rng_state()],
-                 'source_names': list(self.source_names),
-                 'potential_means': self.potential_means.cpu(),
-                 'manual_seed': self.opt.get('manual_seed'),
-                 'scalers': [None if sc is None else sc.state_dict() for sc in self.scalers]}
-        atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
-
-    def resume_training(self, resume_state: dict) -> None:
-        saved = resume_state.get('source_names')
-        if saved is not None and list(saved) != list(self.source_names):
-            raise CheckpointError(f'resume: the training state was written for sources {saved}, but the data now '
-                                  f'has {self.source_names}; the potentials would be mixed up. Keep the source list.')
-        seed = resume_state.get('manual_seed')
-        if seed is not None and seed != self.opt.get('manual_seed'):
-            get_root_logger().warning(f'resume: the training state was written with manual_seed {seed}, this run has '
-                                      f'{self.opt.get("manual_seed")}; the training samples after the resume will '
-                                      'differ from an uninterrupted run. Set manual_seed to the saved value.')
-        try:
-            super().resume_training(resume_state)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f'resume: the training state does not fit this model ({e}); resume with the options '
-                                  'it was trained with.') from e
-        scalers = resume_state.get('scalers') or [None] * len(self.scalers)
-        for scaler, saved_scaler in zip(self.scalers, scalers):
-            if scaler is not None and saved_scaler:
-                scaler.load_state_dict(saved_scaler)
-            elif scaler is not None:
-                get_root_logger().warning('resume: the training state has no fp16 loss-scaler state (it was saved '
-                                          'without fp16 use_amp); the scaler starts afresh.')
-        if resume_state.get('potential_means') is not None:
-            self.potential_means = resume_state['potential_means'].to(self.device, torch.float32)
-        rng = resume_state.get('rng')
-        if rng:
-            rank = self.opt.get('rank', 0)
-            if rank < len(rng):
-                restore_rng_state(rng[rank])
-            else:
-                get_root_logger().warning(f'resume: no random state saved for rank {rank}; the data order of this '
-                                          'rank will differ from an uninterrupted run.')
