@@ -659,9 +659,11 @@ def run(args: argparse.Namespace) -> int:
     if is_baryir:
         stride = net.latent_stride
         latent = (net.latent_channels, padded[0] // stride, padded[1] // stride)  # (8d, H/8, W/8) by default
+        from ..archs.potentials_arch import options_from_network
+
         pot_options = _optional_potential_options(args.opt)
         if pot_options is not None:  # what BaryIRModel fills in from network_g when the file leaves it out
-            pot_options = {'in_channels': net.latent_channels, 'latent_stride': net.latent_stride, **pot_options}
+            pot_options = {**options_from_network(net), **pot_options}
         pots = find_potentials(args, loaded, pot_options)
 
     # the memory probe first: this process holds nothing but the network yet

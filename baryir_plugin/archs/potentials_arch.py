@@ -25,6 +25,13 @@ def _conv_out(size: int) -> int:
     return (size + 2 * 1 - 4) // 4 + 1
 
 
+def options_from_network(net: nn.Module) -> dict:
+    """The potentials' options that follow the restoration network: ``in_channels`` (its latent width) and
+    ``latent_stride`` (its latent's downscale factor), for the networks that expose them."""
+    found = {'in_channels': getattr(net, 'latent_channels', None), 'latent_stride': getattr(net, 'latent_stride', None)}
+    return {key: value for key, value in found.items() if value is not None}
+
+
 @ARCH_REGISTRY.register()
 class BarycenterPotentials(nn.Module):
     """K potentials, one per degradation source.

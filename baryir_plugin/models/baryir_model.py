@@ -25,6 +25,7 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from baryir_plugin.archs.potentials_arch import options_from_network
 from baryir_plugin.errors import OptionError
 from baryir_plugin.losses import transport_cost
 
@@ -158,16 +159,14 @@ class BaryIRModel(AdversarialOTModel):
         given (any backbone), or checked against it where it is. The completed options are kept, so the
         potentials' checkpoints carry their width."""
         options = self.opt['network_potential']
-        for key, value, what in (('in_channels', getattr(bare_g, 'latent_channels', None), 'channels'),
-                                 ('latent_stride', getattr(bare_g, 'latent_stride', None), 'as its downscale factor')):
-            if value is None:
-                continue
+        what = {'in_channels': 'channels', 'latent_stride': 'as its downscale factor'}
+        for key, value in options_from_network(bare_g).items():
             given = options.get(key)
             if given is None:
                 options[key] = value
             elif given != value:
                 raise OptionError(f'network_potential.{key} is {given} but network_g\'s barycenter latent has {value} '
-                                  f'{what}; set {key}: {value} or leave it out (it follows network_g).')
+                                  f'{what[key]}; set {key}: {value} or leave it out (it follows network_g).')
         return options
 
     def _gather(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
