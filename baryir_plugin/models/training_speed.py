@@ -23,6 +23,7 @@ from basicsr.utils import get_root_logger
 
 from baryir_plugin.archs.restormer_blocks import set_activation_checkpointing
 from baryir_plugin.errors import OptionError, SetupError
+from baryir_plugin.models.cpu_half_conv import fp16_conv_weight_grads_in_fp32
 
 COMPILE_MODES = (None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
@@ -124,6 +125,11 @@ class TrainingSpeed:
     def autocast(self):
         if not self.use_amp:
             return contextlib.nullcontext()
+        if self.amp_dtype == torch.float16 and self.device.type == 'cpu' and not self.compile:
+            stack = contextlib.ExitStack()  # CPU fp16: PyTorch's own conv weight-gradient kernel is ~150x slow
+            stack.enter_context(torch.autocast('cpu', dtype=torch.float16))
+            stack.enter_context(fp16_conv_weight_grads_in_fp32())
+            return stack
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def grad_scaler(self) -> Optional['torch.amp.GradScaler']:
