@@ -4,7 +4,9 @@
 One batch, one set of weights: every loss term and both networks' gradients in float32, then under
 bf16 (or fp16) autocast with all float32 regions kept (the default), with each region left to low
 precision in turn, and with none kept. Each cell is the relative error against float32 (inf: a
-non-finite value). Regions: baryir_plugin/archs/precision.py.
+non-finite value); grad_median and grad_sign_flips judge the network's gradient element by element
+(the median relative error, the share of elements whose sign flips). Regions:
+baryir_plugin/archs/precision.py.
 
     python scripts/amp_sensitivity.py                        # default BaryIR, batch 3, crop 128, bf16
     python scripts/amp_sensitivity.py --dim 8 --num-blocks 1 1 1 1 --num-refinement-blocks 1 --dtypes bf16 fp16
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     rows = sensitivity(config, [DTYPES[d] for d in args.dtypes])
     print(f'machine: {machine_line(args.device)}')
     print(f'config: {config.describe()}; relative error against float32 (one batch, same weights)')
-    cols = [c for c in TERMS + ('grad_network', 'grad_potentials') if c in rows[0]]
+    cols = [c for c in TERMS + ('grad_network', 'grad_potentials', 'grad_median', 'grad_sign_flips') if c in rows[0]]
     print(f'{"dtype":<10}{"float32 regions":<22}' + ''.join(f'{c:>16}' for c in cols))
     for r in rows:
         print(f'{r["dtype"]:<10}{r["fp32"]:<22}' + ''.join(f'{r[c]:>16.2e}' for c in cols))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 
@@ -151,6 +152,12 @@ def test_mixed_precision_steps_keep_the_fragile_parts_in_float32(workdir, monkey
         model.optimize_parameters(it)
     log = model.get_current_log()
     assert all(v == v and abs(v) < float('inf') for v in log.values()), log
+    scales = {k: v for k, v in log.items() if k.startswith('loss_scale_')}
+    if dtype == torch.float16:  # each halving of the initial 2**16 is a step skipped on overflow
+        assert set(scales) == {'loss_scale_g', 'loss_scale_potential'}
+        assert all(v == model.scalers[i].get_scale() for i, v in enumerate(scales.values()))
+    else:
+        assert not scales
     with torch.autocast('cpu', dtype=dtype):
         assert transport_cost(z_bary.to(dtype), z_bary.to(dtype) + 1).dtype == torch.float32
 
@@ -275,6 +282,17 @@ def test_amp_sensitivity_measures_every_region():
     # with nothing kept in float32 the latents arrive in bf16 and the transport cost moves with them
     nothing = rows[-1]
     assert nothing['transport_cost'] > everything['transport_cost']
+    assert 0 < everything['grad_median'] < 1 and 0 <= everything['grad_sign_flips'] < 0.5
+
+
+def test_per_element_gradient_error_counts_sign_flips_and_skips_zeros():
+    from baryir_plugin.analysis.amp_sensitivity import _per_element
+
+    reference = torch.tensor([1.0, -2.0, 4.0, 0.0, 8.0, 16.0], dtype=torch.float64)
+    value = torch.tensor([1.5, 2.0, 4.0, 5.0, 8.0, 20.0], dtype=torch.float64)  # the zero's element is not judged
+    median, flips = _per_element(value, reference)  # relative errors 0.5, 2, 0, 0, 0.25
+    assert median == pytest.approx(0.25) and flips == pytest.approx(0.2)
+    assert _per_element(torch.tensor([float('inf'), 1.0]), torch.tensor([1.0, 1.0])) == (math.inf, math.inf)
 
 
 def test_channels_last_bf16_under_torchrun_keeps_ranks_equal_without_stride_warnings(workdir, tmp_path):

@@ -4,7 +4,10 @@ For one batch and one set of weights, the restoration step's loss terms and grad
 step's loss and gradients are computed in float32 (the reference), then under autocast with every
 float32 region of ``baryir_plugin.archs.precision`` kept, with each region in turn left to low
 precision, and with none kept. Each variant is reported as its relative error against float32 (scripts/
-amp_sensitivity.py prints the table; docs/training-speed.md holds the measured one).
+amp_sensitivity.py prints the table; docs/training-speed.md holds the measured one). The norm of a
+gradient's error is set by its largest elements; an optimizer that divides by a running RMS (Adam,
+RMSprop) moves every element by about its learning rate, so the network's gradient is also judged per
+element: the median of |error| / |float32| and the share of elements whose sign flips.
 """
 from __future__ import annotations
 
@@ -25,6 +28,17 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     if not torch.isfinite(value).all():
         return math.inf
     return float((value - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def _per_element(value: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(median relative error, share of sign flips) over the elements where ``reference`` is non-zero."""
+    nonzero = reference != 0
+    value, reference = value[nonzero], reference[nonzero]
+    if not torch.isfinite(value).all():
+        return math.inf, math.inf
+    rel = ((value - reference).abs() / reference.abs()).float()
+    flips = (value.sign() != reference.sign()).double().mean()
+    return float(rel.median()), float(flips)
 
 
 def _grads(module: torch.nn.Module, scale: float) -> torch.Tensor:
@@ -61,7 +75,8 @@ def measure_iteration(model, dtype, scale: float) -> dict[str, torch.Tensor]:
 
 def sensitivity(config: BenchConfig, dtypes: Iterable[torch.dtype] = (torch.bfloat16,),
                 fp16_scale: float = 2.0 ** 16) -> list[dict]:
-    """Rows (dtype, float32 regions kept, relative error of each term and of both gradients)."""
+    """Rows (dtype, float32 regions kept, relative error of each term and of both gradients, and the
+    network gradient's per-element median relative error and share of sign flips)."""
     torch.manual_seed(0)
     model = build_model(config, 'base')
     model.feed_data(next(random_batches(config)))
@@ -80,6 +95,8 @@ def sensitivity(config: BenchConfig, dtypes: Iterable[torch.dtype] = (torch.bflo
                 for key in TERMS + ('grad_network', 'grad_potentials'):
                     if key in reference:
                         row[key] = _relative(got[key], reference[key])
+                row['grad_median'], row['grad_sign_flips'] = _per_element(got['grad_network'],
+                                                                          reference['grad_network'])
                 rows.append(row)
     finally:
         set_fp32_regions(FP32_REGIONS)

@@ -166,7 +166,8 @@ class AdversarialOTModel(BaryIRValidation, SRModel):
     def get_current_log(self) -> 'OrderedDict[str, float]':
         """The mean of every loss term since the last log line (over all ranks under DDP), and each
         source's mean potential on its own samples of that interval (``f_<source>``; a source with no
-        sample in it keeps its previous value, ``nan`` before its first)."""
+        sample in it keeps its previous value, ``nan`` before its first); with fp16, each optimizer's
+        current loss scale (``loss_scale_g``, ``loss_scale_potential``)."""
         if self.interval_log:
             losses = OrderedDict(self.interval_log.pop_means())
             stats = self._source_stats_acc
@@ -178,6 +179,9 @@ class AdversarialOTModel(BaryIRValidation, SRModel):
             self._source_stats_acc = torch.zeros_like(stats)
             for i, name in enumerate(self.source_names):
                 losses[f'f_{name}'] = self.potential_means[i]
+            for name, scaler in zip(('g', 'potential'), self.scalers):  # fp16: a scale that keeps falling
+                if scaler is not None:  # means overflowing gradients (each halving skipped a step)
+                    losses[f'loss_scale_{name}'] = torch.tensor(scaler.get_scale(), device=self.device)
             self.log_dict = self.reduce_loss_dict(losses)
         return self.log_dict
 
