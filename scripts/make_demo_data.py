@@ -7,6 +7,12 @@ baryir_plugin/data/demo.py, the library behind this command.
 
     python scripts/make_demo_data.py --out datasets/demo            # the README's demo (seconds)
     python scripts/make_demo_data.py --out DIR --preset tiny --lmdb  # what the tests use
+    python scripts/make_demo_data.py --out DIR --val-photos CLEAN_DIR [CLEAN_DIR ...] --val-crop 128
+
+With ``--val-photos`` the validation sets are centre crops of your own clean images (every image of each
+folder, degraded the same five ways) instead of the two bundled crops; the training set is unchanged, so
+a network trained on the demo can be validated on many more images (``basicsr test -opt
+options/test_baryir_demo.yml`` after pointing its datasets at DIR/val).
 """
 from __future__ import annotations
 
@@ -18,8 +24,8 @@ PROG = 'scripts/make_demo_data.py'
 
 
 def main(argv=None) -> int:
-    from baryir_plugin.data.checks import ToolParser, non_negative_int
-    from baryir_plugin.data.demo import PAIRED, PRESETS, build, input_psnr
+    from baryir_plugin.data.checks import ToolParser, non_negative_int, positive_int
+    from baryir_plugin.data.demo import PAIRED, PRESETS, build, input_psnr, val_photos_from
 
     parser = ToolParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='datasets/demo',
@@ -28,8 +34,16 @@ def main(argv=None) -> int:
     parser.add_argument('--preset', choices=sorted(PRESETS), default='demo')
     parser.add_argument('--lmdb', action='store_true', help='also write BasicSR LMDB twins')
     parser.add_argument('--seed', type=non_negative_int, default=0)
+    parser.add_argument('--val-photos', nargs='+', metavar='DIR',
+                        help='folders of clean images: their centre crops become the validation sets')
+    parser.add_argument('--val-crop', type=positive_int,
+                        help='side of the centre crops taken with --val-photos (default 128)')
     args = parser.parse_args(argv)
-    counts = build(args.out, args.preset, args.lmdb, args.seed)
+    if args.val_crop is not None and not args.val_photos:
+        parser.error('--val-crop needs --val-photos (the bundled validation crops have their own sizes)')
+    # every image is read and checked before anything under --out is replaced
+    val_photos = val_photos_from(args.val_photos, args.val_crop or 128) if args.val_photos else None
+    counts = build(args.out, args.preset, args.lmdb, args.seed, val_photos=val_photos)
     print(f"wrote {counts['train']} training tiles x 5 degradations and {counts['val']} validation images x 5 "
           f"to {args.out}{' (+ LMDB)' if args.lmdb else ''}")
     print('validation inputs, PSNR against GT (what a restoration must beat):')

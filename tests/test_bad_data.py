@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import cv2
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -642,3 +643,25 @@ def test_make_demo_data_replaces_its_own_output(tmp_path):
     first = demo.build(str(tmp_path / 'demo'), preset='tiny')
     assert demo.build(str(tmp_path / 'demo'), preset='tiny') == first
     assert (tmp_path / 'demo' / demo.MARKER).is_file()
+
+
+def test_make_demo_data_bad_validation_photos(tmp_path):
+    """--val-photos: a missing folder, one without images, an image smaller than the crop, an unreadable one,
+    and --val-crop alone are one line each, found before --out is written."""
+    out = tmp_path / 'demo'
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    result = run_inprocess(_tool('make_demo_data'), ['--out', str(out), '--val-photos', str(tmp_path / 'none')])
+    assert_clean_error(result, DEMO, '--val-photos', 'no such folder', status=2)
+    result = run_inprocess(_tool('make_demo_data'), ['--out', str(out), '--val-photos', str(photos)])
+    assert_clean_error(result, DEMO, '--val-photos', 'holds no images')
+    assert cv2.imwrite(str(photos / 'small.png'), np.zeros((20, 30, 3), np.uint8))
+    result = run_inprocess(_tool('make_demo_data'), ['--out', str(out), '--val-photos', str(photos), '--val-crop', '24'])
+    assert_clean_error(result, DEMO, 'small.png', '20x30', 'smaller than --val-crop 24', 'smaller --val-crop')
+    (photos / 'small.png').unlink()
+    (photos / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'0' * 20)
+    result = run_inprocess(_tool('make_demo_data'), ['--out', str(out), '--val-photos', str(photos)])
+    assert_clean_error(result, DEMO, 'broken.png', 'replace or remove the file')
+    result = run_inprocess(_tool('make_demo_data'), ['--out', str(out), '--val-crop', '64'])
+    assert_clean_error(result, DEMO, '--val-crop needs --val-photos', status=2)
+    assert not out.exists()

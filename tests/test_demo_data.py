@@ -47,3 +47,44 @@ def test_native_tiles_are_crops_at_the_photos_resolution_and_leave_the_rest_unch
                 gt, lq = cv2.imread(str(pair / 'gt' / name)), cv2.imread(str(pair / 'lq' / name))
                 assert np.array_equal(gt, tile)
                 assert lq.shape == gt.shape and not np.array_equal(lq, gt)
+
+
+def _photo(path: Path, h: int, w: int, seed: int, grey: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w) if grey else (h, w, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(path), img)
+    return img if not grey else np.stack([img] * 3, axis=-1)
+
+
+def test_validation_from_own_photos_is_centre_crops_and_leaves_training_unchanged(tmp_path):
+    """--val-photos: every image of each folder becomes one centre-cropped validation pair per set, named by
+    folder and stem; the training set is the same bytes as without it (a trained demo network can be
+    validated on the larger set)."""
+    first, second = tmp_path / 'kodak', tmp_path / 'bsd'
+    first.mkdir()
+    second.mkdir()
+    a = _photo(first / 'a.png', 40, 50, 0)
+    _photo(first / 'b.jpg', 36, 36, 1)
+    b = cv2.imread(str(first / 'b.jpg'))  # lossy: compared with the decoded file, as the tool reads it
+    c = _photo(second / 'c.png', 33, 61, 2, grey=True)
+    (second / 'notes.txt').write_text('not an image')
+    photos = demo.val_photos_from([str(first), str(second)], crop=32)
+    assert [name for name, _ in photos] == ['kodak_a', 'kodak_b', 'bsd_c']
+    expected = {'kodak_a': a[4:36, 9:41], 'kodak_b': b[2:34, 2:34], 'bsd_c': c[0:32, 14:46]}
+    for name, gt in photos:
+        assert gt.dtype == np.uint8 and np.array_equal(gt, expected[name])
+
+    plain = demo.build(str(tmp_path / 'plain'), preset='tiny')
+    own = demo.build(str(tmp_path / 'own'), preset='tiny', val_photos=photos)
+    assert (own['train'], own['val'], plain['val']) == (plain['train'], 3, len(demo.PRESETS['tiny']['val']))
+    before, after = _files(tmp_path / 'plain'), _files(tmp_path / 'own')
+    train = {k for k in before if k.startswith('train')}
+    assert train == {k for k in after if k.startswith('train')}
+    assert all(after[k] == before[k] for k in train)
+    for kind in ('noise',) + KINDS:
+        folder = tmp_path / 'own' / 'val' / kind
+        assert sorted(p.name for p in (folder / 'gt').iterdir()) == ['bsd_c.png', 'kodak_a.png', 'kodak_b.png']
+        for name, gt in photos:
+            lq = cv2.imread(str(folder / 'lq' / f'{name}.png'))
+            assert np.array_equal(cv2.imread(str(folder / 'gt' / f'{name}.png')), gt)
+            assert lq.shape == gt.shape and not np.array_equal(lq, gt)

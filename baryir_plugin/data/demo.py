@@ -11,6 +11,13 @@ names pair by file name):
     OUT/train/{rain,haze,blur,lowlight}/{gt,lq}/  training pairs
     OUT/val/{noise,rain,haze,blur,lowlight}/{gt,lq}/   validation pairs (noise: sigma 25, fixed seed)
 
+``--val-photos DIR ...`` (:func:`val_photos_from`) takes the validation ground truths from the user's
+own clean images instead: a ``--val-crop`` square (128 by default) from the centre of every image in the
+folders, named ``<folder>_<stem>.png``, degraded the same five ways. The training set is byte-identical
+either way (its random stream is drawn first), so a network trained on the demo can be validated on many
+more images than the two bundled crops, whose figures move by tenths of a dB with rounding alone
+(docs/training-speed.md).
+
 ``--lmdb`` also writes LMDB twins beside every gt/lq/clean folder (``gt.lmdb`` ...) with
 basicsr.utils.lmdb_util. Validation images have sizes that are not multiples of 8. Training tiles come
 from other photos than the validation images, at two scales: photos shrunk so that a tile holds
@@ -212,9 +219,39 @@ def _write_training_pairs(out: str, tiles: list[tuple[str, np.ndarray]], rng: np
             _write(os.path.join(out, 'train', kind, 'lq', f'{name}.png'), degrade(tile, kind, rng))
 
 
-def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> dict:
+def val_photos_from(folders: list[str], crop: int) -> list[tuple[str, np.ndarray]]:
+    """Validation ground truths from the user's own clean images: a centre crop of ``crop`` x ``crop`` of every
+    image in ``folders`` (sorted by name), as uint8 BGR, named ``<folder>_<file stem>``.
+
+    Raises:
+        UsageError / DataError: a folder is missing or holds no images, an image cannot be read or is smaller
+            than the crop, or two images would get the same name.
+    """
+    from ..analysis.figures import list_images, read_rgb
+
+    photos: dict[str, np.ndarray] = {}
+    for folder in folders:
+        prefix = os.path.basename(os.path.normpath(folder))
+        for path in list_images(folder, '--val-photos'):
+            img = read_rgb(path)
+            h, w = img.shape[:2]
+            if min(h, w) < crop:
+                raise errors.DataError(f'--val-photos: {path} is {h}x{w}, smaller than --val-crop {crop}; give a '
+                                       'smaller --val-crop or remove the image from the folder.')
+            name = f'{prefix}_{os.path.splitext(os.path.basename(path))[0]}'
+            if name in photos:
+                raise errors.UsageError(f'--val-photos: two images would be named {name}.png (from {path}); give '
+                                        'folders with distinct names and files with distinct stems.')
+            y, x = (h - crop) // 2, (w - crop) // 2
+            photos[name] = np.ascontiguousarray(np.round(img[y:y + crop, x:x + crop, ::-1] * 255).astype(np.uint8))
+    return list(photos.items())
+
+
+def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0,
+          val_photos: list[tuple[str, np.ndarray]] | None = None) -> dict:
     """Write the dataset under ``out`` (replacing an earlier demo set there, see :func:`check_out`); returns the
-    number of images per folder."""
+    number of images per folder. ``val_photos`` ((name, uint8 BGR ground truth) pairs, e.g. from
+    :func:`val_photos_from`) replace the preset's validation crops; the training set is the same either way."""
     from .degradations import degrade
 
     cfg = PRESETS[preset]
@@ -234,14 +271,17 @@ def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0) -> 
         _write_training_pairs(out, native, native_rng)
         tiles += native
     counts['train'] = len(tiles)
-    for photo, h, w in cfg['val']:
-        img = load_photo(photo)
-        y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-        gt = np.ascontiguousarray(img[y:y + h, x:x + w])
+    if val_photos is None:
+        val_photos = []
+        for photo, h, w in cfg['val']:
+            img = load_photo(photo)
+            y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+            val_photos.append((photo, np.ascontiguousarray(img[y:y + h, x:x + w])))
+    for photo, gt in val_photos:
         for kind in ('noise',) + PAIRED:
             _write(os.path.join(out, 'val', kind, 'gt', f'{photo}.png'), gt)
             _write(os.path.join(out, 'val', kind, 'lq', f'{photo}.png'), degrade(gt, kind, rng))
-    counts['val'] = len(cfg['val'])
+    counts['val'] = len(val_photos)
     if lmdb:
         folders = [os.path.join(out, 'train', 'clean')]
         splits = (('train', PAIRED), ('val', ('noise',) + PAIRED))
