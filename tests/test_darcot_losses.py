@@ -18,11 +18,16 @@ from .conftest import OPTIONS, shared_path
 
 REL = 1e-5  # loss scalars
 GRAD_REL = 1e-4  # gradient norms
+SCORE_REL = 1e-4  # means of critic scores, relative to the scores' mean magnitude
+
+
+def _abs(value, want) -> float:
+    value, want = (float(torch.as_tensor(v).detach()) for v in (value, want))
+    return abs(value - want)
 
 
 def _rel(value, want) -> float:
-    value, want = (float(torch.as_tensor(v).detach()) for v in (value, want))
-    return abs(value - want) / max(abs(want), 1e-30)
+    return _abs(value, want) / max(abs(float(torch.as_tensor(want).detach())), 1e-30)
 
 
 def _model_opt(workdir: Path, net_g: dict, net_pot: dict) -> dict:
@@ -75,9 +80,14 @@ def test_potential_steps_match_the_reference(reference_step, monkeypatch):
     # ... and the F-step terms are checked on the reference's T(x) itself: L_F is a difference of two
     # critic means that cancel to ~3 % of the scores, so T's float32 rounding (~3e-5) would move it by
     # ~1e-4 relative, whatever the port
+    # The critic means are judged against the size of the scores they average (~3e-2), not against the
+    # means themselves (~1e-3, the scores cancel): float32 convolution kernels of two machines differ by
+    # ~1e-5 of a score, which is ~5e-4 of such a mean; a wrong term or sign is off by the whole scale.
+    with torch.no_grad():
+        scale = torch.cat([pot(batch['F_step_restored']), pot(batch['target'])]).abs().mean().item()
     losses = model.potential_step(batch['F_step_restored'])  # the critic step, then the penalty step
-    assert _rel(losses['l_critic'], batch['F_train_loss']) <= REL
-    assert _rel(-losses['f_target'], batch['F_real_loss']) <= REL
+    assert _abs(losses['l_critic'], batch['F_train_loss']) <= SCORE_REL * scale
+    assert _abs(-losses['f_target'], batch['F_real_loss']) <= SCORE_REL * scale
     assert _rel(losses['l_gp'], batch['gp_loss']) <= REL
     assert _rel(losses['gp_grad_norm'], batch['gp_grad_l2norm'].mean()) <= REL
     assert len(recorded) == 2, 'two optimizer steps of F per update: the critic loss, then the penalty'
@@ -90,7 +100,7 @@ def test_potential_steps_match_the_reference(reference_step, monkeypatch):
             else:
                 assert _rel(grads[name], value) <= GRAD_REL, (name, grads[name], value)
     with torch.no_grad():
-        assert _rel(pot(batch['F_step_restored']).mean(), batch['F_fake_loss']) <= REL
+        assert _abs(pot(batch['F_step_restored']).mean(), batch['F_fake_loss']) <= SCORE_REL * scale
 
 
 def test_transport_step_matches_the_reference(reference_step):
