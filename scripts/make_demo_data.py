@@ -25,7 +25,7 @@ PROG = 'scripts/make_demo_data.py'
 
 def main(argv=None) -> int:
     from baryir_plugin.data.checks import ToolParser, non_negative_int, positive_int
-    from baryir_plugin.data.demo import PAIRED, PRESETS, build, input_psnr, val_photos_from
+    from baryir_plugin.data.demo import PAIRED, PRESETS, VAL_CROP, build, input_psnr, val_photos_from
 
     parser = ToolParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='datasets/demo',
@@ -37,12 +37,12 @@ def main(argv=None) -> int:
     parser.add_argument('--val-photos', nargs='+', metavar='DIR',
                         help='folders of clean images: their centre crops become the validation sets')
     parser.add_argument('--val-crop', type=positive_int,
-                        help='side of the centre crops taken with --val-photos (default 128)')
+                        help=f'side of the centre crops taken with --val-photos (default {VAL_CROP})')
     args = parser.parse_args(argv)
     if args.val_crop is not None and not args.val_photos:
         parser.error('--val-crop needs --val-photos (the bundled validation crops have their own sizes)')
     # every image is read and checked before anything under --out is replaced
-    val_photos = val_photos_from(args.val_photos, args.val_crop or 128) if args.val_photos else None
+    val_photos = val_photos_from(args.val_photos, args.val_crop or VAL_CROP) if args.val_photos else None
     counts = build(args.out, args.preset, args.lmdb, args.seed, val_photos=val_photos)
     print(f"wrote {counts['train']} training tiles x 5 degradations and {counts['val']} validation images x 5 "
           f"to {args.out}{' (+ LMDB)' if args.lmdb else ''}")

@@ -79,10 +79,10 @@ def test_potential_steps_match_the_reference(reference_step, monkeypatch):
         assert (model.get_bare_model(model.net_g)(batch['degraded']) - batch['F_step_restored']).abs().max() <= 1e-4
     # ... and the F-step terms are checked on the reference's T(x) itself: L_F is a difference of two
     # critic means that cancel to ~3 % of the scores, so T's float32 rounding (~3e-5) would move it by
-    # ~1e-4 relative, whatever the port
-    # The critic means are judged against the size of the scores they average (~3e-2), not against the
-    # means themselves (~1e-3, the scores cancel): float32 convolution kernels of two machines differ by
-    # ~1e-5 of a score, which is ~5e-4 of such a mean; a wrong term or sign is off by the whole scale.
+    # ~1e-4 relative, whatever the port. For the same reason the critic means are judged against the size
+    # of the scores they average (~3e-2), not against themselves (~1e-3): two machines' float32
+    # convolution kernels differ by ~1e-5 of a score, ~5e-4 of such a mean; a wrong term or sign is off by
+    # the whole scale.
     with torch.no_grad():
         scale = torch.cat([pot(batch['F_step_restored']), pot(batch['target'])]).abs().mean().item()
     losses = model.potential_step(batch['F_step_restored'])  # the critic step, then the penalty step

@@ -60,6 +60,7 @@ PRESETS = {
              'native_tiles_per_photo': 0, 'val': (('chelsea', 36, 44), ('rocket', 29, 51))},
 }
 VAL_SIGMA = 25
+VAL_CROP = 128  # side of the centre crops of --val-photos
 
 
 def _layout_folder(parts: list[str]) -> bool:
@@ -219,7 +220,12 @@ def _write_training_pairs(out: str, tiles: list[tuple[str, np.ndarray]], rng: np
             _write(os.path.join(out, 'train', kind, 'lq', f'{name}.png'), degrade(tile, kind, rng))
 
 
-def val_photos_from(folders: list[str], crop: int) -> list[tuple[str, np.ndarray]]:
+def _centre_crop(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return np.ascontiguousarray(img[y:y + h, x:x + w])
+
+
+def val_photos_from(folders: list[str], crop: int = VAL_CROP) -> list[tuple[str, np.ndarray]]:
     """Validation ground truths from the user's own clean images: a centre crop of ``crop`` x ``crop`` of every
     image in ``folders`` (sorted by name), as uint8 BGR, named ``<folder>_<file stem>``.
 
@@ -242,8 +248,8 @@ def val_photos_from(folders: list[str], crop: int) -> list[tuple[str, np.ndarray
             if name in photos:
                 raise errors.UsageError(f'--val-photos: two images would be named {name}.png (from {path}); give '
                                         'folders with distinct names and files with distinct stems.')
-            y, x = (h - crop) // 2, (w - crop) // 2
-            photos[name] = np.ascontiguousarray(np.round(img[y:y + crop, x:x + crop, ::-1] * 255).astype(np.uint8))
+            bgr = np.round(_centre_crop(img, crop, crop)[..., ::-1] * 255).astype(np.uint8)
+            photos[name] = np.ascontiguousarray(bgr)
     return list(photos.items())
 
 
@@ -274,9 +280,7 @@ def build(out: str, preset: str = 'demo', lmdb: bool = False, seed: int = 0,
     if val_photos is None:
         val_photos = []
         for photo, h, w in cfg['val']:
-            img = load_photo(photo)
-            y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-            val_photos.append((photo, np.ascontiguousarray(img[y:y + h, x:x + w])))
+            val_photos.append((photo, _centre_crop(load_photo(photo), h, w)))
     for photo, gt in val_photos:
         for kind in ('noise',) + PAIRED:
             _write(os.path.join(out, 'val', kind, 'gt', f'{photo}.png'), gt)
