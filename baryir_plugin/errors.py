@@ -202,11 +202,30 @@ def run_guarded(prog: str, work: Callable[[], Optional[int]], debug: bool = Fals
         sys.stdout.flush()
         print(f'{prog}: terminated (SIGTERM).', file=sys.stderr)
         return 143
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():
+            return report(prog, exc, debug=debug or debug_requested(), aliases=aliases)
+        # Nothing more can reach the reader; point stdout at /dev/null so that the interpreter's
+        # final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except BaseException as exc:  # noqa: BLE001 (this is the boundary)
         return report(prog, exc, debug=debug or debug_requested(), aliases=aliases)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end has been closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or stdout has no descriptor
+        return False
 
 
 def guarded_main(prog: str, main: Callable[[Optional[list]], Optional[int]],

@@ -255,3 +255,39 @@ def test_a_name_that_is_a_path_is_refused(workdir):
 def test_an_option_file_that_is_not_a_regular_file(tmp_path):
     outcome = run_inprocess(cli.basicsr_main, ['train', '-opt', str(tmp_path)], cwd=tmp_path)
     assert_clean_error(outcome, TRAIN, 'is not a regular file', status=2)
+
+
+_PRINTS_A_LOT = """
+import sys
+from baryir_plugin.errors import run_guarded
+
+def work():
+    for i in range(200000):
+        print('row', i, 'of a long table')
+
+sys.exit(run_guarded('baryir table', work))
+"""
+
+
+def test_output_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`baryir ... | head`: the reader closes the pipe; the command stops with SIGPIPE's status, silently."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, '-c', _PRINTS_A_LOT], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b'row 0 ')
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == '', err
+
+
+def test_a_broken_pipe_elsewhere_is_still_reported(monkeypatch):
+    """Only a closed stdout is quiet: a pipe to another process that breaks is an error like any other."""
+    def work(kind, argv):
+        raise BrokenPipeError(errno.EPIPE, 'Broken pipe')
+
+    monkeypatch.setattr(cli, 'run_pipeline', work)
+    outcome = run_inprocess(cli.basicsr_main, ['train', '-opt', 'x.yml'])
+    assert outcome.status not in (0, 141)
+    assert 'Broken pipe' in outcome.text
