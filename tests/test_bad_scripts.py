@@ -67,6 +67,8 @@ def _one_gpu(monkeypatch):
     ('gpu_check', ['--device', 'cpu', '--budget-s', 'soon'], ['--budget-s', "'soon' is not a number"]),
     ('gpu_check', ['--device', 'cpu', '--demo-seeds', '1', '-2'], ['--demo-seeds', 'at least 0']),
     ('gpu_check', ['--device', 'cpu', '--modes', 'turbo'], ['--modes', "'turbo'"]),
+    ('gpu_check', ['--device', 'cpu', '--demo-val-photos', 'no/such/photos'],
+     ['--demo-val-photos no/such/photos', 'no such folder']),
     ('bench_data', ['--workers', '0', '-1'], ['--workers', 'at least 0']),
     ('bench_data', ['--step-ms', '0'], ['--step-ms']),
     ('study_barycenter_map', ['--eval', 'demo', '--iters', '0'], ['--iters', 'at least 1']),

@@ -326,3 +326,50 @@ def test_gpu_check_names_a_missing_or_broken_fixture(tmp_path):
     rows = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())['rows']
     assert proc.returncode == 1 and rows[0]['ok'] is False
     assert f'cannot read the reference fixture in {broken}' in rows[0]['error'] and '\n' not in rows[0]['error']
+
+
+def test_paired_verdict_judges_the_interval_not_the_mean():
+    from baryir_plugin.analysis.gpu_check import paired_verdict
+
+    fp32 = [22.0, 21.9, 22.1, 21.8, 22.2, 22.0]
+    close = paired_verdict(fp32, [v + d for v, d in zip(fp32, (0.02, -0.01, 0.03, 0.0, -0.02, 0.01))])
+    assert close['ok'] is True and close['diff_db'] == pytest.approx(0.005)
+    lo, hi = close['ci95_db']
+    assert -0.1 < lo < 0.005 < hi < 0.1 and close['diffs_db'][0] == pytest.approx(0.02)
+    # the same mean cost, but spread like the demo's two-image sets: the interval cannot decide
+    spread = paired_verdict(fp32, [v + d for v, d in zip(fp32, (-0.33, 0.15, -1.0, 0.44, -0.72, 0.12))])
+    assert spread['ok'] is None and 'undecided' in spread['verdict']
+    assert spread['se_db'] == pytest.approx(spread['sd_db'] / math.sqrt(6))
+    worse = paired_verdict(fp32, [v - 0.5 + d for v, d in zip(fp32, (0.02, -0.01, 0.03, 0.0, -0.02, 0.01))])
+    assert worse['ok'] is False and worse['ci95_db'][1] < -0.1
+    one = paired_verdict([22.0], [22.01])
+    assert one['ok'] is None and 'one seed' in one['verdict'] and 'ci95_db' not in one
+    with pytest.raises(ValueError, match='one value per seed'):
+        paired_verdict([22.0, 21.0], [22.0])
+
+
+def test_gpu_check_demo_validates_on_the_users_photos(tmp_path):
+    """--demo-val-photos: the demo check trains on the demo's tiles and validates on crops of these photos."""
+    import cv2
+    import numpy as np
+
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):  # smooth colour fields, larger than the 128-pixel crop
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        cv2.imwrite(str(photos / f'p{i}.png'), cv2.resize(small, (180, 140), interpolation=cv2.INTER_CUBIC))
+    run([sys.executable, str(REPO / 'scripts' / 'gpu_check.py'), '--device', 'cpu', '--quick', '--checks', 'demo',
+         '--demo-seeds', '3', '4', '--demo-val-photos', str(photos), '--out', str(tmp_path / 'out')],
+        cwd=tmp_path, timeout=600)
+    rows = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())['rows']
+    runs = [r for r in rows if 'seed' in r]
+    assert [(r['precision'], r['seed']) for r in runs] == [(p, s) for p in ('fp32', 'bf16', 'fp16') for s in (3, 4)]
+    assert all(r['val_images'] == 2 * 5 for r in runs)  # two photos, degraded the five ways
+    verdicts = [r for r in rows if 'seeds' in r]
+    assert [r['precision'] for r in verdicts] == ['bf16', 'fp16']
+    for r in verdicts:
+        ref = [x['val_average_psnr'] for x in runs if x['precision'] == 'fp32']
+        got = [x['val_average_psnr'] for x in runs if x['precision'] == r['precision']]
+        assert r['diffs_db'] == pytest.approx([g - f for f, g in zip(ref, got)])
+        assert 'ok' not in r and r['verdict'] == 'not judged (quick)'
