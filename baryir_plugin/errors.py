@@ -202,14 +202,12 @@ def run_guarded(prog: str, work: Callable[[], Optional[int]], debug: bool = Fals
         sys.stdout.flush()
         print(f'{prog}: terminated (SIGTERM).', file=sys.stderr)
         return 143
-    except BrokenPipeError as exc:
-        if not _stdout_reader_gone():
-            return report(prog, exc, debug=debug or debug_requested(), aliases=aliases)
-        # Nothing more can reach the reader; point stdout at /dev/null so that the interpreter's
-        # final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
     except BaseException as exc:  # noqa: BLE001 (this is the boundary)
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            # Nothing more can reach the reader; point stdout at /dev/null so that the interpreter's
+            # final flush does not raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         return report(prog, exc, debug=debug or debug_requested(), aliases=aliases)
     finally:
         if previous is not None:

@@ -66,9 +66,9 @@ def parse_args(argv=None):
         from baryir_plugin.data.demo import val_photos_from
         from baryir_plugin.errors import BaryIRError
         try:
-            val_photos_from([str(f) for f in args.demo_val_photos])
+            val_photos_from([str(f) for f in args.demo_val_photos], flag='--demo-val-photos', crop_flag=None)
         except BaryIRError as e:
-            p.error(str(e).replace('--val-photos', '--demo-val-photos', 1))
+            p.error(str(e))
     check_device(args.device, hint='run it on a GPU machine, or add --device cpu --quick for the self-test')
     from baryir_plugin.analysis import mode_options
     for mode in args.modes or []:

@@ -117,6 +117,24 @@ def test_output_paths_are_checked_before_the_run(scripts, tmp_path):
         assert_clean_error(outcome, prog, f'{flag} afile', 'is a file, not a folder', status=2)
 
 
+def test_gpu_check_reads_the_validation_photos_before_any_check(scripts, tmp_path):
+    """A photo the demo check could not use is named at once, with the fix gpu_check offers (no --val-crop)."""
+    import cv2
+    import numpy as np
+
+    for folder, write in (('corrupt', lambda p: p.write_bytes(b'not an image')),
+                          ('small', lambda p: cv2.imwrite(str(p), np.zeros((64, 96, 3), np.uint8)))):
+        (tmp_path / folder).mkdir()
+        write(tmp_path / folder / 'a.png')
+    outcome, prog = _run(scripts, 'gpu_check', ['--device', 'cpu', '--demo-val-photos', 'corrupt'], cwd=tmp_path)
+    assert_clean_error(outcome, prog, 'corrupt/a.png', 'does not decode', status=2)
+    outcome, prog = _run(scripts, 'gpu_check', ['--device', 'cpu', '--demo-val-photos', 'small'], cwd=tmp_path)
+    line = assert_clean_error(outcome, prog, '--demo-val-photos: small/a.png is 64x96',
+                              'smaller than the 128-pixel crop', 'remove the image', status=2)
+    assert '--val-crop' not in line
+    assert not (tmp_path / 'gpu_check_out').exists()
+
+
 def test_study_names_a_data_root_that_is_not_a_folder(tmp_path):
     """A real process: the message has the script's prefix (it used to be a bare line)."""
     cmd = [sys.executable, str(REPO / 'scripts' / 'study_barycenter_map.py'), '--data-root', 'nope', '--out', 'o']

@@ -225,9 +225,11 @@ def _centre_crop(img: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(img[y:y + h, x:x + w])
 
 
-def val_photos_from(folders: list[str], crop: int = VAL_CROP) -> list[tuple[str, np.ndarray]]:
+def val_photos_from(folders: list[str], crop: int = VAL_CROP, flag: str = '--val-photos',
+                    crop_flag: str | None = '--val-crop') -> list[tuple[str, np.ndarray]]:
     """Validation ground truths from the user's own clean images: a centre crop of ``crop`` x ``crop`` of every
-    image in ``folders`` (sorted by name), as uint8 BGR, named ``<folder>_<file stem>``.
+    image in ``folders`` (sorted by name), as uint8 BGR, named ``<folder>_<file stem>``. ``flag`` and
+    ``crop_flag`` are the command-line options the messages name (``crop_flag`` None: the command has none).
 
     Raises:
         UsageError / DataError: a folder is missing or holds no images, an image cannot be read or is smaller
@@ -238,15 +240,17 @@ def val_photos_from(folders: list[str], crop: int = VAL_CROP) -> list[tuple[str,
     photos: dict[str, np.ndarray] = {}
     for folder in folders:
         prefix = os.path.basename(os.path.normpath(folder))
-        for path in list_images(folder, '--val-photos'):
+        for path in list_images(folder, flag):
             img = read_rgb(path)
             h, w = img.shape[:2]
             if min(h, w) < crop:
-                raise errors.DataError(f'--val-photos: {path} is {h}x{w}, smaller than --val-crop {crop}; give a '
-                                       'smaller --val-crop or remove the image from the folder.')
+                size, fix = ((f'{crop_flag} {crop}', f'give a smaller {crop_flag} or remove') if crop_flag else
+                             (f'the {crop}-pixel crop', 'remove'))
+                raise errors.DataError(f'{flag}: {path} is {h}x{w}, smaller than {size}; {fix} the image from '
+                                       'the folder.')
             name = f'{prefix}_{os.path.splitext(os.path.basename(path))[0]}'
             if name in photos:
-                raise errors.UsageError(f'--val-photos: two images would be named {name}.png (from {path}); give '
+                raise errors.UsageError(f'{flag}: two images would be named {name}.png (from {path}); give '
                                         'folders with distinct names and files with distinct stems.')
             bgr = np.round(_centre_crop(img, crop, crop)[..., ::-1] * 255).astype(np.uint8)
             photos[name] = np.ascontiguousarray(bgr)
